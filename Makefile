@@ -1,0 +1,41 @@
+# make setup: system packages (when missing), .venv with cafuse installed.
+# make test:  the whole suite.  make demo: cafuse on a sample archive.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config casync nginx-light e2fsprogs \
+	squashfs-tools erofs-utils acl attr libcap2-bin busybox-static xxd
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system-packages test demo bench clean
+
+setup: system-packages $(STAMP)
+
+system-packages:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:" $$missing; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	@[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	sh demo/demo.sh
+
+bench: setup
+	$(VENV)/bin/python integration/bench_cat.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,145 @@
+"""Random access to a catar stream through its goodbye tables (§5.9).
+
+``Archive`` navigates a catar held by any byte source (an object with a
+``size`` and ``async read(offset, size)``): a local .catar file, an index
+over chunk stores, or a FUSE mount's cache.  It never reads more than the
+records it needs: looking a name up reads the directory's goodbye table and
+the matching FILENAME; listing reads each child's FILENAME and ENTRY, never
+their payloads.
+"""
+
+import stat
+from collections import deque
+from typing import Protocol
+
+from . import catar
+from .errors import FormatError, NotFoundError
+
+# First read when decoding a node: enough for the FILENAME, the ENTRY and the
+# usual metadata in one go.
+_NODE_WINDOW = 1024
+# As the kernel's limit on symlinks followed in one path walk.
+_MAX_SYMLINKS = 40
+
+
+class ByteSource(Protocol):
+    size: int
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset+size)``, shorter only at the end."""
+
+
+class Archive:
+    def __init__(self, source: ByteSource):
+        self.source = source
+
+    async def root(self) -> catar.Entry:
+        """The root directory (the ENTRY at offset 0)."""
+        end = self.source.size
+        if end < catar.ENTRY_SIZE + catar.HEADER + catar.GOODBYE_ITEM:
+            raise FormatError(f"catar stream of {end} bytes is too short", 0)
+        entry = await self._node(0, end, b"")
+        if not entry.is_dir:
+            raise FormatError("the archive's root is not a directory", 0)
+        return entry
+
+    async def children(self, directory: catar.Entry) -> list[catar.GoodbyeItem]:
+        """The goodbye items of ``directory``, in their BST order."""
+        tail = await self._exact(directory.end - catar.GOODBYE_ITEM, catar.GOODBYE_ITEM)
+        start = catar.decode_goodbye_tail(tail, directory.end, directory.offset)
+        table = await self._exact(start, directory.end - start)
+        return catar.decode_goodbye(table, start, directory.offset)
+
+    async def listdir(self, directory: catar.Entry) -> list[catar.Entry]:
+        """The entries of ``directory`` in archive (strcmp) order."""
+        items = sorted(await self.children(directory), key=lambda item: item.start)
+        return [await self.child(item) for item in items]
+
+    async def lookup(self, directory: catar.Entry, name: bytes) -> catar.Entry | None:
+        """The child ``name`` of ``directory``, or None."""
+        for item in catar.goodbye_candidates(await self.children(directory), name):
+            child = await self.child(item)
+            if child.name == name:
+                return child
+        return None
+
+    async def child(self, item: catar.GoodbyeItem) -> catar.Entry:
+        """Decode the child a goodbye item points at (its FILENAME, then node)."""
+        end = item.start + item.size
+        buf = await self.source.read(item.start, min(_NODE_WINDOW, item.size))
+        decoded = catar.decode_filename(buf, item.start)
+        if isinstance(decoded, catar.NeedMore):
+            raise FormatError("FILENAME runs past its goodbye item", item.start)
+        name, size = decoded
+        return await self._node(item.start + size, end, name, buf[size:])
+
+    async def resolve(self, path: str | bytes, follow: bool = False) -> catar.Entry:
+        """The entry at ``path``, relative to the root, resolved the way the
+        kernel would: symlinks in the middle are followed (an absolute target
+        starts again at the root), ``..`` goes up, and a symlink at the end
+        is followed only when ``follow`` is set."""
+        if isinstance(path, str):
+            path = path.encode("utf-8", "surrogateescape")
+        root = await self.root()
+        stack, parts, links = [root], deque(path.split(b"/")), 0
+        while parts:
+            part = parts.popleft()
+            if part in (b"", b"."):
+                continue
+            if part == b"..":
+                if len(stack) > 1:
+                    stack.pop()
+                continue
+            if not stack[-1].is_dir:
+                raise NotFoundError(f"{_show(path)}: not a directory")
+            child = await self.lookup(stack[-1], part)
+            if child is None:
+                raise NotFoundError(f"{_show(path)}: no such file or directory")
+            if stat.S_ISLNK(child.mode) and (parts or follow):
+                links += 1
+                if links > _MAX_SYMLINKS:
+                    raise NotFoundError(f"{_show(path)}: too many levels of symbolic links")
+                if child.target.startswith(b"/"):
+                    del stack[1:]
+                parts.extendleft(reversed(child.target.split(b"/")))
+                continue
+            stack.append(child)
+        return stack[-1]
+
+    async def read(self, entry: catar.Entry, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset+size)`` of a regular file's content."""
+        if entry.payload is None:
+            raise ValueError("not a regular file")
+        size = max(0, min(size, entry.size - offset))
+        return await self.source.read(entry.payload + offset, size) if size else b""
+
+    async def walk(self, directory: catar.Entry, prefix: bytes = b""):
+        """Yield ``(path, entry)`` for everything below ``directory``, depth
+        first in archive order; ``path`` is relative and ``/``-joined."""
+        for child in await self.listdir(directory):
+            path = prefix + child.name
+            yield path, child
+            if child.is_dir:
+                async for item in self.walk(child, path + b"/"):
+                    yield item
+
+    async def _node(self, offset, end, name, buf=b""):
+        want = min(_NODE_WINDOW, end - offset)
+        while True:
+            if len(buf) < want:
+                buf = await self._exact(offset, want)
+            decoded = catar.decode_node(buf, offset, end, name)
+            if not isinstance(decoded, catar.NeedMore):
+                return decoded
+            # decode_node asks only for bytes inside [offset, end).
+            want = max(decoded.size, min(2 * len(buf), end - offset))
+
+    async def _exact(self, offset, size):
+        buf = await self.source.read(offset, size)
+        if len(buf) != size:
+            raise FormatError("catar stream is truncated", offset + len(buf))
+        return buf
+
+
+def _show(path: bytes) -> str:
+    return path.decode("utf-8", "backslashreplace")

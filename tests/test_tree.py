@@ -1,0 +1,177 @@
+"""Trees read through cafuse match what casync and the source tree say."""
+
+import hashlib
+import os
+import stat
+
+import pytest
+import trio
+
+from cafuse import acl
+from cafuse.inputs import open_input
+
+import oracle
+
+CASYNC_TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "link",
+                stat.S_IFCHR: "char", stat.S_IFBLK: "block", stat.S_IFIFO: "fifo",
+                stat.S_IFSOCK: "socket"}
+
+
+def read_all(made):
+    """{path: (entry, content or None)} for everything in the archive."""
+    inp = open_input(str(made.index), [str(made.store)])
+    archive = inp.archive()
+
+    async def run():
+        out = {}
+        async for path, entry in archive.walk(await archive.root()):
+            data = await archive.read(entry, 0, entry.size) if entry.payload is not None \
+                else None
+            out[path] = (entry, data)
+        return out
+
+    return trio.run(run)
+
+
+@pytest.fixture(scope="module")
+def full(casync_archive):
+    return casync_archive("full")
+
+
+@pytest.fixture(scope="module")
+def full_entries(full):
+    return read_all(full)
+
+
+def test_paths_match_casync(full, full_entries):
+    listed = oracle.mtree(full.index, full.store)
+    assert set(full_entries) == set(listed) - {b"."}
+
+
+def test_metadata_matches_casync_mtree(full, full_entries):
+    listed = oracle.mtree(full.index, full.store)
+    for path, (entry, data) in full_entries.items():
+        want = listed[path]
+        assert want["type"] == CASYNC_TYPES[stat.S_IFMT(entry.mode)], path
+        assert int(want["mode"], 8) == stat.S_IMODE(entry.mode), path
+        assert (int(want["uid"]), int(want["gid"])) == (entry.uid, entry.gid), path
+        assert want.get("uname") == (entry.user.decode() if entry.user else
+                                     "root" if entry.uid == 0 else None), path
+        seconds, nanos = want["time"].split(".")
+        assert (int(seconds) * 10**9 + int(nanos)) % 2**64 == entry.mtime_ns % 2**64, path
+        if "size" in want:
+            assert int(want["size"]) == entry.size == len(data), path
+        if "link" in want:
+            assert want["link"] == entry.target, path
+        if "device" in want:
+            assert want["device"] == "linux,%d,%d" % entry.rdev, path
+        if "sha512256digest" in want:
+            assert hashlib.new("sha512_256", data).hexdigest() == want["sha512256digest"]
+
+
+def expected_xattrs(info):
+    """What catar keeps of a file's xattrs: user.*, trusted.*, the file
+    capability and POSIX ACLs."""
+    return {name: value for name, value in info.get("xattrs", {}).items()
+            if name.startswith(("user.", "trusted.", "system.posix_acl_"))
+            or name == "security.capability"}
+
+
+def cafuse_xattrs(entry):
+    out = {name.decode(): value for name, value in entry.xattrs}
+    if entry.fcaps is not None:
+        out["security.capability"] = entry.fcaps
+    out.update(acl.xattrs(entry))
+    return out
+
+
+def compare_with_tree(entries, tree):
+    source = oracle.walk_fs(tree)
+    assert set(entries) == set(source)
+    for path, (entry, data) in entries.items():
+        info = source[path]
+        assert entry.mode == info["mode"], path
+        assert (entry.uid, entry.gid) == (info["uid"], info["gid"]), path
+        assert entry.mtime_ns == info["mtime_ns"], path
+        if "sha256" in info:
+            assert hashlib.sha256(data).hexdigest() == info["sha256"], path
+        assert entry.target == info.get("target"), path
+        assert entry.rdev == info.get("rdev"), path
+        if not stat.S_ISLNK(entry.mode):
+            assert cafuse_xattrs(entry) == expected_xattrs(info), path
+
+
+def test_matches_the_source_tree(full, full_entries):
+    compare_with_tree(full_entries, full.tree)
+
+
+def test_matches_casync_extract(full, full_entries, tmp_path):
+    oracle.extract(full.index, full.store, tmp_path / "out")
+    extracted = oracle.walk_fs(tmp_path / "out")
+    for path, (entry, _data) in full_entries.items():
+        if not stat.S_ISLNK(entry.mode):
+            assert cafuse_xattrs(entry) == expected_xattrs(extracted[path]), path
+
+
+def test_every_path_resolves_by_lookup(full, full_entries):
+    archive = open_input(str(full.index), [str(full.store)]).archive()
+
+    async def run():
+        for path, (entry, _data) in full_entries.items():
+            found = await archive.resolve(path)
+            assert (found.offset, found.name) == (entry.offset, entry.name)
+
+    trio.run(run)
+
+
+def test_symlinks_followed_inside_the_archive(full):
+    archive = open_input(str(full.index), [str(full.store)]).archive()
+
+    async def run():
+        link = await archive.resolve("dir-link")
+        assert stat.S_ISLNK(link.mode)
+        target = await archive.resolve("dir-link", follow=True)
+        assert await archive.read(target, 0, 100) == b"deep\n"
+        assert (await archive.resolve("dir/sub/../../hello.txt")).name == b"hello.txt"
+
+    trio.run(run)
+
+
+def test_long_names_and_pre_1970_mtime(casync_archive):
+    made = casync_archive("edge")
+    entries = read_all(made)
+    assert sorted(len(p) for p in entries) == [7, 254, 255]
+    assert entries[b"old.txt"][0].mtime_ns == -315619199_500000000
+    compare_with_tree(entries, made.tree)
+
+
+def test_ten_thousand_entries(casync_archive):
+    made = casync_archive("bigdir")
+    entries = read_all(made)
+    listed = oracle.mtree(made.index, made.store)
+    assert len(entries) == 10_001
+    assert set(entries) == set(listed) - {b"."}
+    assert entries[b"big/file09999"][1] == b"9999\n"
+
+
+VARIANTS = [(c, d, s) for c in ("zstd", "xz", "gzip") for d in ("sha512-256", "sha256")
+            for s in ("4K", "64K")] + [("zstd", "sha512-256", "1M")]
+
+
+@pytest.mark.parametrize("compression,digest,chunk_size", VARIANTS)
+def test_variants_reassemble_and_list(casync_archive, compression, digest, chunk_size):
+    made = casync_archive("full", compression=compression, digest=digest,
+                          chunk_size=chunk_size)
+    inp = open_input(str(made.index), [str(made.store)])
+    assert inp.index.digest == digest
+    whole = hashlib.new(digest.replace("-", "_"))
+    trio.run(inp.source.copy, 0, inp.source.size, whole.update)
+    assert whole.hexdigest() == made.digest
+    compare_with_tree(read_all(made), made.tree)
+
+
+def test_local_catar(casync_archive):
+    made = casync_archive("full", kind="catar")
+    entries = read_all(made)
+    assert hashlib.new("sha512_256", made.index.read_bytes()).hexdigest() == made.digest
+    compare_with_tree(entries, made.tree)
