@@ -1,0 +1,214 @@
+"""The cafuse command as a user runs it, against what casync says."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import oracle
+import trees
+
+CAFUSE = str(Path(sys.executable).parent / "cafuse")
+
+
+def run(*args, ok=True, **kwargs):
+    done = subprocess.run([CAFUSE, *map(str, args)], capture_output=True, timeout=300,
+                          **kwargs)
+    if ok:
+        assert done.returncode == 0, done.stderr.decode()
+        assert done.stderr == b""
+    return done
+
+
+def fails(*args, match):
+    """The command fails cleanly: exit 1, one line on stderr, nothing on stdout."""
+    done = run(*args, ok=False)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert err.count("\n") == 1 and err.startswith("cafuse: error: "), err
+    assert "Traceback" not in err
+    assert match in err, err
+    assert done.stdout == b""
+    return err
+
+
+@pytest.fixture(scope="module")
+def full(casync_archive):
+    return casync_archive("full")
+
+
+def test_info_tree(full):
+    out = run("info", full.index).stdout.decode()
+    index_bytes = full.index.stat().st_size
+    assert "archive index (.caidx)" in out
+    assert f"Chunks:        {(index_bytes - 104) // 40} " in out
+    assert "Digest:        sha512-256" in out
+    assert "0xb0000001ffeffe26" in out and "xattrs acl selinux fcaps" in out
+
+
+def test_info_blob(casync_archive):
+    made = casync_archive("blob1m", digest="sha256")
+    out = run("info", made.index).stdout.decode()
+    assert "blob index (.caibx)" in out
+    assert f"Stream size:   {1 << 20} bytes" in out
+    assert "Digest:        sha256" in out
+
+
+def test_ls_root_matches_casync_list(full):
+    names = run("ls", "-s", full.store, full.index).stdout.decode().splitlines()
+    listed = [p for p in oracle.mtree(full.index, full.store) if b"/" not in p and p != b"."]
+    assert [n.encode() for n in names] == listed  # archive (strcmp) order
+
+
+def test_ls_recursive_matches_casync(full):
+    paths = run("ls", "-R", full.index).stdout.decode().splitlines()
+    assert [p.encode() for p in paths] == \
+        [p for p in oracle.mtree(full.index, full.store) if p != b"."]
+
+
+def test_ls_long(full):
+    lines = run("ls", "-l", full.index).stdout.decode().splitlines()
+    by_name = {line.split(" ")[-1] if " -> " not in line else line.split(" ")[-3]: line
+               for line in lines}
+    assert by_name["hello.txt"].split() == [
+        "-rw-r--r--", "root", "root", "13", "2020-01-01", "00:00:00.123456789", "hello.txt"]
+    assert by_name["big-ids"].split()[1:3] == ["70000", "70001"]
+    assert by_name["nobody"].split()[1:3] == ["nobody", "nogroup"]
+    assert by_name["null"].split()[0] == "crw-r--r--" and "1,3" in by_name["null"]
+    assert by_name["suid"].split()[0] == "-rwsr-xr-x"
+    assert by_name["sticky"].split()[0] == "drwxrwxrwt"
+    assert by_name["symlink"].endswith("symlink -> hello.txt")
+
+
+def test_ls_path(full):
+    assert run("ls", full.index, "dir/sub").stdout == b"deep.txt\n"
+    assert run("ls", full.index, "hello.txt").stdout == b"hello.txt\n"
+
+
+def test_cat_file(full):
+    assert run("cat", full.index, "dir/sub/deep.txt").stdout == b"deep\n"
+    data = run("cat", full.index, "random.bin").stdout
+    assert data == (full.tree / "random.bin").read_bytes()
+    assert run("cat", full.index, "dir-link").stdout == b"deep\n"
+
+
+@pytest.mark.parametrize("compression", ["zstd", "xz", "gzip"])
+@pytest.mark.parametrize("name", ["blob5m", "blob_empty", "blob_one"])
+def test_cat_blob(casync_archive, compression, name, tmp_path):
+    made = casync_archive(name, compression=compression, chunk_size="16K")
+    assert run("cat", made.index).stdout == made.tree.read_bytes()
+    run("cat", "-o", tmp_path / "out", made.index)
+    assert (tmp_path / "out").read_bytes() == made.tree.read_bytes()
+
+
+@pytest.mark.slow
+def test_cat_two_gib_sparse_file(casync_archive):
+    made = casync_archive("sparse")
+    proc = subprocess.Popen([CAFUSE, "cat", made.index, "sparse"], stdout=subprocess.PIPE)
+    digest, size = hashlib.sha256(), 0
+    while block := proc.stdout.read(1 << 20):
+        digest.update(block)
+        size += len(block)
+    assert proc.wait(timeout=300) == 0
+    assert size == trees.SPARSE_SIZE
+    assert digest.hexdigest() == oracle.sha256_file(made.tree / "sparse")
+
+
+def test_catar_file(casync_archive):
+    made = casync_archive("full", kind="catar")
+    assert run("cat", made.index, "hello.txt").stdout == b"hello casync\n"
+    assert "catar archive" in run("info", made.index).stdout.decode()
+
+
+# Bad input: one clear line, exit 1, nothing written.
+
+def test_not_an_index(tmp_path):
+    junk = tmp_path / "junk.caidx"
+    junk.write_bytes(b"this is not an index\n" * 20)
+    fails("info", junk, match=f"{junk}: not a casync index")
+    fails("ls", junk, match="not a casync index")
+
+
+def test_truncated_index(full, tmp_path):
+    cut = tmp_path / "cut.caidx"
+    cut.write_bytes(full.index.read_bytes()[:-7])
+    fails("ls", "-s", full.store, cut, match="truncated")
+
+
+def test_missing_index(tmp_path):
+    fails("info", tmp_path / "nope.caibx", match="No such file or directory")
+
+
+def test_missing_path(full):
+    fails("cat", full.index, "no/such/file", match="no/such/file: no such file")
+    fails("ls", full.index, "nope", match="nope: no such file")
+    fails("cat", full.index, "dir", match="dir: is a directory")
+
+
+def test_path_for_a_blob(casync_archive):
+    made = casync_archive("blob1m")
+    fails("cat", made.index, "x", match="PATH 'x' is not allowed")
+    fails("ls", made.index, match="blob index")
+
+
+def copy_store(made, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(made.store, store)
+    return store
+
+
+def chunk_files(store):
+    return sorted(p for p in store.rglob("*.cacnk"))
+
+
+def test_missing_chunk(casync_archive, tmp_path):
+    made = casync_archive("blob1m", chunk_size="16K")
+    store = copy_store(made, tmp_path)
+    victim = chunk_files(store)[0]
+    victim.unlink()
+    out = tmp_path / "out"
+    fails("cat", "-s", store, "-o", out, made.index,
+          match=f"chunk {victim.name.removesuffix('.cacnk')}")
+    assert not out.exists() and list(tmp_path.glob("out*")) == []
+
+
+def test_corrupt_chunk(casync_archive, tmp_path):
+    made = casync_archive("blob1m", chunk_size="16K")
+    store = copy_store(made, tmp_path)
+    victim = chunk_files(store)[3]
+    os.chmod(victim, 0o644)
+    victim.write_bytes(oracle_recompress(made, victim))
+    fails("cat", "-s", store, "-o", tmp_path / "out", made.index,
+          match="does not match its id")
+
+
+def oracle_recompress(made, victim):
+    """A well-formed zstd chunk with the wrong content (one byte changed)."""
+    import zstandard
+    data = bytearray(zstandard.ZstdDecompressor().decompressobj().decompress(
+        victim.read_bytes()))
+    data[0] ^= 1
+    return zstandard.ZstdCompressor().compress(bytes(data))
+
+
+def test_second_store_supplies_what_the_first_lacks(casync_archive, tmp_path):
+    made = casync_archive("blob1m", chunk_size="16K")
+    partial = copy_store(made, tmp_path)
+    for victim in chunk_files(partial)[::2]:
+        victim.unlink()
+    out = run("cat", "-s", partial, "-s", made.store, made.index).stdout
+    assert out == made.tree.read_bytes()
+
+
+def test_missing_store(casync_archive, tmp_path):
+    made = casync_archive("blob1m")
+    fails("cat", "-s", tmp_path / "nostore", made.index, match="chunk store not found")
+
+
+def test_bad_flag(full):
+    done = run("ls", "--bogus", full.index, ok=False)
+    assert done.returncode == 2 and b"Traceback" not in done.stderr
