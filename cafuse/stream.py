@@ -58,38 +58,40 @@ class IndexStream:
         return data[start:start + size]
 
     async def copy(self, offset: int, size: int, write: Callable[[bytes], object],
-                   ahead: int = 8) -> None:
-        """Pass bytes ``[offset, offset+size)`` to ``write`` in order, with up
-        to ``ahead`` chunks loading at once.  Bypasses the memory cache."""
-        span = self.index.span(offset, size)
+                   ahead: int = 4) -> None:
+        """Pass bytes ``[offset, offset+size)`` to ``write`` in order.
+
+        Chunks load in batches of about ``_BATCH_BYTES``, one worker-thread
+        hop per batch (a hop costs about as much as decoding a small chunk),
+        with up to ``ahead`` batches in flight.  Bypasses the memory cache.
+        """
+        batches = _batches(self.index, self.index.span(offset, size))
         stop = min(offset + size, self.size)
-        window = deque()  # (event, result list) per chunk in flight, in order
+        window = deque()  # (event, results) per batch in flight, in order
 
-        def start_next(nursery):
-            k = len(window) + done
-            if k < len(span):
-                slot = (trio.Event(), [])
-                window.append(slot)
-                nursery.start_soon(load, span[k], slot)
-
-        async def load(i, slot):
-            slot[1].append(await trio.to_thread.run_sync(self._load, i,
-                                                         limiter=self._limiter))
+        async def load(batch, slot):
+            slot[1].extend(await trio.to_thread.run_sync(
+                lambda: [self._load(i) for i in batch], limiter=self._limiter))
             slot[0].set()
 
-        done = 0
+        def start_next(nursery):
+            batch = next(batches, None)
+            if batch is not None:
+                slot = (trio.Event(), [])
+                window.append((batch, slot))
+                nursery.start_soon(load, batch, slot)
+
         with single_errors():
             async with trio.open_nursery() as nursery:
                 for _ in range(ahead):
                     start_next(nursery)
-                for i in span:
-                    event, result = window[0]
+                while window:
+                    batch, (event, results) = window.popleft()
                     await event.wait()
-                    window.popleft()
-                    done += 1
                     start_next(nursery)
-                    start, end = self.index.start(i), self.index.end(i)
-                    write(result[0][max(offset, start) - start:min(stop, end) - start])
+                    for i, data in zip(batch, results):
+                        start, end = self.index.start(i), self.index.end(i)
+                        write(data[max(offset, start) - start:min(stop, end) - start])
 
     async def chunk(self, i: int) -> bytes:
         """The verified bytes of chunk ``i``."""
@@ -151,3 +153,19 @@ class FileSource:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+_BATCH_BYTES = 1 << 20
+
+
+def _batches(index: Index, span: range):
+    """Consecutive runs of chunks from ``span``, each about _BATCH_BYTES."""
+    batch, size = [], 0
+    for i in span:
+        batch.append(i)
+        size += index.chunk_size(i)
+        if size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
