@@ -1,6 +1,7 @@
 """The ``cafuse`` command line."""
 
 import argparse
+import logging
 import os
 import signal
 import stat
@@ -9,80 +10,198 @@ import sys
 import trio
 
 from . import __version__, flags as ff
+from .diskcache import DiskCache, default_dir
 from .errors import CafuseError, UsageError, first_error
-from .inputs import Input, index_kind, is_catar, open_input, read_index
-from .listing import long_line, quote, size_text
+from .http import TLSOptions
+from .inputs import (DEFAULT_CACHE_BYTES, Input, Options, index_kind, is_catar,
+                     open_input, read_index)
+from .listing import long_line, quote, size_text, timestamp
+from .prefetch import prefetch
+from .store import HTTPOptions
 
 DESCRIPTION = """\
 cafuse reads casync archives lazily: a .caidx index (a directory tree) or a
 .caibx index (one blob, such as a disk image), with its chunks in casync
-chunk stores.  Only the chunks a command needs are read, each is verified
-against its id.
+chunk stores (directories or http(s) URLs).  Only the chunks a command needs
+are fetched; each is verified against its id, and chunks from remote stores
+are kept in a bounded disk cache shared by all cafuse processes.
 """
 
-STORE_HELP = ("chunk store directory; repeat to try several in order "
-              "(default: $CASYNC_STORE, else default.castr next to INDEX)")
+EPILOG = """\
+environment:
+  CASYNC_STORE         default chunk store when no -s is given
+  CAFUSE_HTTP_HEADERS  extra HTTP request headers, one "Name: value" per line
+                       (e.g. Authorization); never logged
+  XDG_CACHE_HOME       the default cache is $XDG_CACHE_HOME/cafuse
+                       (/var/cache/cafuse for root)
+"""
+
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``512``, ``64K``, ``1.5G``, ``2GiB``: bytes, with powers of 1024."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in SIZE_UNITS and value[-1:] else ""
+    try:
+        number = float(value[:-1] if unit else value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    return int(number * SIZE_UNITS[unit])
+
+
+def parse_header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"not a header: expected 'Name: value'")
+    return name.strip(), value.strip()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cafuse", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="cafuse", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"cafuse {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = commands.add_parser("info", help="describe an index",
-                               description="Show an index's type, stream size, chunk "
-                               "statistics, digest and feature flags.")
-    info.add_argument("index", metavar="INDEX", help=".caibx, .caidx or .catar file")
+    info = _command(commands, "info", "describe an index",
+                    "Show an index's type, stream size, chunk statistics, digest "
+                    "and feature flags.")
+    _add_http(info)
+    info.add_argument("index", metavar="INDEX", help=".caibx, .caidx (path or URL) or .catar")
     info.set_defaults(run=cmd_info)
 
-    ls = commands.add_parser("ls", help="list a directory of an archive",
-                             description="List PATH (default: the root) of a "
-                             ".caidx or .catar archive.")
+    ls = _command(commands, "ls", "list a directory of an archive",
+                  "List PATH (default: the root) of a .caidx or .catar archive.")
     ls.add_argument("-l", "--long", action="store_true",
                     help="show mode, owner, group, size (or device numbers), "
                     "mtime in UTC with nanoseconds, and symlink targets")
     ls.add_argument("-R", "--recursive", action="store_true",
                     help="list everything below PATH, one relative path per line")
-    _add_common(ls)
+    _add_sources(ls)
     ls.add_argument("path", metavar="PATH", nargs="?", default="",
                     help="a path inside the archive")
     ls.set_defaults(run=cmd_ls)
 
-    cat = commands.add_parser("cat", help="write a file or blob to stdout",
-                              description="Write the content of PATH in a .caidx "
-                              "or .catar archive, or the whole blob of a .caibx, "
-                              "to stdout.")
+    cat = _command(commands, "cat", "write a file or blob to stdout",
+                   "Write the content of PATH in a .caidx or .catar archive, or "
+                   "the whole blob of a .caibx, to stdout.")
     cat.add_argument("-o", "--output", metavar="FILE",
                      help="write to FILE instead; it appears only once complete")
-    _add_common(cat)
+    _add_sources(cat)
     cat.add_argument("path", metavar="PATH", nargs="?",
                      help="a file inside the archive (symlinks are followed); "
                      "not allowed for a .caibx")
     cat.set_defaults(run=cmd_cat)
+
+    pre = _command(commands, "prefetch", "fill the cache with a whole index",
+                   "Fetch every chunk of INDEX that the disk cache lacks, with a "
+                   "progress line, and end with where the chunks came from.")
+    _add_sources(pre)
+    pre.set_defaults(run=cmd_prefetch)
+
+    cache = _command(commands, "cache", "inspect or shrink the disk cache",
+                     "Show the disk cache's size, or prune it to a size.")
+    actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
+    stats = _command(actions, "stats", "entries, bytes, age of the cache", None)
+    prune = _command(actions, "prune", "delete least recently used chunks",
+                     "Delete least recently used chunks until the cache holds at "
+                     "most SIZE.")
+    prune.add_argument("--max-size", type=parse_size, default=None, metavar="SIZE",
+                       help="target size (default: --cache-size, "
+                       f"{size_text(DEFAULT_CACHE_BYTES)}; 0 empties the cache)")
+    for action in (stats, prune):
+        _add_cache_dir(action)
+    stats.set_defaults(run=cmd_cache_stats)
+    prune.set_defaults(run=cmd_cache_prune)
     return parser
 
 
-def _add_common(parser):
-    parser.add_argument("-s", "--store", action="append", default=[],
-                        metavar="STORE", help=STORE_HELP)
-    parser.add_argument("index", metavar="INDEX", help=".caidx, .caibx or .catar file")
+def _command(commands, name, summary, description):
+    sub = commands.add_parser(name, help=summary, description=description, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub.add_argument("-v", "--verbose", action="count", default=0,
+                     help="log more (-v: info, -vv: debug); warnings are always shown")
+    return sub
+
+
+def _add_cache_dir(parser):
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help=f"disk cache directory (default: {default_dir()})")
+    parser.add_argument("--cache-size", type=parse_size, default=DEFAULT_CACHE_BYTES,
+                        metavar="SIZE", help="bound of the disk cache, e.g. 500M, 20G "
+                        f"(default: {size_text(DEFAULT_CACHE_BYTES)})")
+
+
+def _add_http(parser):
+    group = parser.add_argument_group("HTTP(S) stores and index URLs")
+    group.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="deadline of one HTTP request (default: 10)")
+    group.add_argument("--retries", type=int, default=3, metavar="N",
+                       help="tries again after connection errors, timeouts, 5xx "
+                       "and 429, with exponential back-off (default: 3)")
+    group.add_argument("--connections", type=int, default=8, metavar="N",
+                       help="requests in flight per store (default: 8)")
+    group.add_argument("-H", "--header", type=parse_header, action="append", default=[],
+                       metavar="'NAME: VALUE'", help="extra request header; repeatable")
+    group.add_argument("--ca-file", metavar="FILE", help="CA bundle to verify servers with")
+    group.add_argument("--client-cert", metavar="FILE", help="client certificate (PEM)")
+    group.add_argument("--client-key", metavar="FILE",
+                       help="client key (PEM), if not in --client-cert")
+    group.add_argument("--insecure", action="store_true",
+                       help="do not verify TLS certificates")
+
+
+def _add_sources(parser):
+    parser.add_argument("-s", "--store", action="append", default=[], metavar="STORE",
+                        help="chunk store: directory or http(s) URL; repeat to try "
+                        "several in order (default: $CASYNC_STORE, else default.castr "
+                        "next to INDEX)")
+    parser.add_argument("--seed", action="append", default=[], metavar="INDEX[:FILE]",
+                        help="read chunks that this local index describes from FILE "
+                        "(default: INDEX without its suffix); repeatable")
+    _add_cache_dir(parser)
+    parser.add_argument("--no-cache", action="store_true", help="use no disk cache")
+    parser.add_argument("--deadline", type=float, default=60.0, metavar="SECONDS",
+                        help="give up on a chunk after this long, all stores and "
+                        "retries included (default: 60)")
+    _add_http(parser)
+    parser.add_argument("index", metavar="INDEX",
+                        help=".caidx or .caibx (path or http(s) URL), or a .catar file")
+
+
+def http_options(args) -> HTTPOptions:
+    headers = list(args.header)
+    for line in os.environ.get("CAFUSE_HTTP_HEADERS", "").splitlines():
+        if line.strip():
+            headers.append(parse_header(line))
+    tls = TLSOptions(args.ca_file, args.client_cert, args.client_key, args.insecure)
+    return HTTPOptions(connections=args.connections, timeout=args.timeout,
+                       retries=args.retries, headers=tuple(headers), tls=tls)
+
+
+def options(args) -> Options:
+    return Options(stores=args.store, http=http_options(args), cache_dir=args.cache_dir,
+                   cache_bytes=args.cache_size, no_cache=args.no_cache, seeds=args.seed,
+                   deadline=args.deadline)
 
 
 async def cmd_info(args) -> None:
     if is_catar(args.index):
-        inp = open_input(args.index)
+        inp = await open_input(args.index)
         root = await inp.archive().root()
+        await inp.aclose()
         _print("Type:          catar archive (local file)",
                f"Size:          {inp.source.size} bytes ({size_text(inp.source.size)})",
                *_flag_lines(root.feature_flags))
         return
-    index = read_index(args.index)
-    sizes = _chunk_size_stats(index)
+    index = await read_index(args.index, http_options(args))
     kind = {"blob": "blob index (.caibx)",
             "tree": "archive index (.caidx)"}[index_kind(args.index, index)]
     _print(f"Type:          {kind}",
            f"Stream size:   {index.size} bytes ({size_text(index.size)})",
-           f"Chunks:        {len(index)}{sizes}",
+           f"Chunks:        {len(index)}{_chunk_size_stats(index)}",
            f"Chunker:       min {size_text(index.chunk_size_min)}, "
            f"avg {size_text(index.chunk_size_avg)}, max {size_text(index.chunk_size_max)}",
            f"Digest:        {index.digest}",
@@ -103,17 +222,21 @@ def _flag_lines(value):
 
 
 async def cmd_ls(args) -> None:
-    archive = open_input(args.index, args.store).archive()
-    entry = await archive.resolve(args.path)
-    out = []
-    if not entry.is_dir:
-        out.append(_ls_line(args, entry, entry.name))
-    elif args.recursive:
-        async for path, child in archive.walk(entry):
-            out.append(_ls_line(args, child, path))
-    else:
-        for child in await archive.listdir(entry):
-            out.append(_ls_line(args, child, child.name))
+    inp = await open_input(args.index, options(args))
+    try:
+        archive = inp.archive()
+        entry = await archive.resolve(args.path)
+        out = []
+        if not entry.is_dir:
+            out.append(_ls_line(args, entry, entry.name))
+        elif args.recursive:
+            async for path, child in archive.walk(entry):
+                out.append(_ls_line(args, child, path))
+        else:
+            for child in await archive.listdir(entry):
+                out.append(_ls_line(args, child, child.name))
+    finally:
+        await inp.aclose()
     _print(*out)
 
 
@@ -122,19 +245,22 @@ def _ls_line(args, entry, path):
 
 
 async def cmd_cat(args) -> None:
-    inp = open_input(args.index, args.store)
-    if inp.is_tree:
-        offset, size = await _file_range(inp, args.path)
-    elif args.path:
-        raise UsageError(f"{args.index}: a blob index holds one blob; "
-                         f"PATH '{args.path}' is not allowed")
-    else:
-        offset, size = 0, inp.source.size
-    if args.output:
-        await _copy_to_file(inp, offset, size, args.output)
-    else:
-        await inp.source.copy(offset, size, sys.stdout.buffer.write)
-        sys.stdout.buffer.flush()
+    inp = await open_input(args.index, options(args))
+    try:
+        if inp.is_tree:
+            offset, size = await _file_range(inp, args.path)
+        elif args.path:
+            raise UsageError(f"{args.index}: a blob index holds one blob; "
+                             f"PATH '{args.path}' is not allowed")
+        else:
+            offset, size = 0, inp.source.size
+        if args.output:
+            await _copy_to_file(inp, offset, size, args.output)
+        else:
+            await inp.source.copy(offset, size, sys.stdout.buffer.write)
+            sys.stdout.buffer.flush()
+    finally:
+        await inp.aclose()
 
 
 async def _file_range(inp: Input, path):
@@ -161,6 +287,45 @@ async def _copy_to_file(inp, offset, size, output):
         raise
 
 
+async def cmd_prefetch(args) -> None:
+    if args.no_cache:
+        raise UsageError("prefetch fills the disk cache; it cannot run with --no-cache")
+    inp = await open_input(args.index, options(args))
+    if inp.index is None:
+        await inp.aclose()
+        raise UsageError(f"{args.index}: a local .catar needs no prefetch")
+    try:
+        report = await prefetch(inp.index, inp.source.engine, sys.stderr)
+    finally:
+        await inp.aclose()
+    _print(*report)
+
+
+async def cmd_cache_stats(args) -> None:
+    cache = DiskCache(args.cache_dir or default_dir(), args.cache_size)
+    usage = await trio.to_thread.run_sync(cache.usage)
+    lines = [f"Cache:         {cache.path}",
+             f"Entries:       {usage.entries}",
+             f"Size:          {usage.bytes} bytes ({size_text(usage.bytes)}) of "
+             f"{size_text(cache.max_bytes)} allowed"]
+    if usage.entries:
+        lines += [f"Oldest use:    {timestamp(int(usage.oldest * 1e9))[:19]} UTC",
+                  f"Newest use:    {timestamp(int(usage.newest * 1e9))[:19]} UTC"]
+    if usage.stray_tmp:
+        lines.append(f"Temporary:     {usage.stray_tmp} unfinished writes (prune removes "
+                     "those older than an hour)")
+    _print(*lines)
+
+
+async def cmd_cache_prune(args) -> None:
+    cache = DiskCache(args.cache_dir or default_dir(), args.cache_size)
+    target = args.cache_size if args.max_size is None else args.max_size
+    freed = await trio.to_thread.run_sync(cache.prune, target)
+    usage = await trio.to_thread.run_sync(cache.usage)
+    _print(f"Freed {size_text(freed)}; the cache now holds {usage.entries} chunks, "
+           f"{size_text(usage.bytes)}.")
+
+
 def _print(*lines):
     text = "".join(line + "\n" for line in lines)
     sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
@@ -176,6 +341,8 @@ def main(argv=None) -> int:
     # Behave like cat(1) when the reader of a pipe goes away.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="cafuse: %(levelname)s: %(message)s")
     try:
         trio.run(args.run, args)
     except CafuseError as e:
@@ -187,8 +354,7 @@ def main(argv=None) -> int:
         return _fail(found)
     except OSError as e:
         name = f"{e.filename}: " if e.filename else ""
-        print(f"cafuse: error: {name}{e.strerror or e}", file=sys.stderr)
-        return 1
+        return _fail(f"{name}{e.strerror or e}")
     except KeyboardInterrupt:
         return 130
     return 0

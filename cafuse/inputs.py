@@ -1,25 +1,45 @@
 """What a user names on the command line, opened for reading.
 
-An input is an index (.caibx blob or .caidx tree) read through chunk
-stores, or a local .catar file; either way it becomes a byte source plus
-the knowledge of whether it holds a tree.
+An input is an index (.caibx blob or .caidx tree; a path or an http(s) URL)
+read through a chunk engine, or a local .catar file; either way it becomes
+a byte source plus the knowledge of whether it holds a tree.
 """
 
 import os
+import posixpath
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from . import catar
 from .archive import Archive
+from .diskcache import DiskCache, default_dir
+from .engine import DEFAULT_MEMORY_BYTES, ChunkEngine
 from .errors import CafuseError, FormatError
+from .http import Client
 from .index import Index
-from .store import LocalStore
+from .seed import Seed
+from .store import HTTPOptions, fetch_with_retries, is_url, open_store
 from .stream import FileSource, IndexStream
 
 DEFAULT_STORE = "default.castr"
+DEFAULT_CACHE_BYTES = 2 << 30
 # Feature bits that only a directory tree has: an index without any of them
 # covers a blob (casync writes 0xb000000000000000 for .caibx, §6.4).
 _TREE_BITS = 0x1FFFFFFFF
+
+
+@dataclass
+class Options:
+    """Where chunks come from and how they are kept (the CLI's options)."""
+    stores: list[str] = field(default_factory=list)
+    http: HTTPOptions = HTTPOptions()
+    cache_dir: str | None = None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    no_cache: bool = False
+    seeds: list[str] = field(default_factory=list)
+    memory_bytes: int = DEFAULT_MEMORY_BYTES
+    deadline: float = 60.0
 
 
 @dataclass
@@ -39,47 +59,56 @@ class Input:
                               f"tree; use 'cafuse cat' to read the blob")
         return Archive(self.source)
 
+    async def aclose(self) -> None:
+        await self.source.aclose()
 
-def read_index(path: str) -> Index:
-    """Load and validate an index file; errors name the file."""
-    data = _read_file(path)
+
+def read_index_file(path: str) -> Index:
+    """Load and validate a local index file; errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CafuseError(f"{path}: {e.strerror}") from None
+    return _parse(path, data)
+
+
+async def read_index(spec: str, http: HTTPOptions) -> Index:
+    """An index from a path or an http(s) URL."""
+    if not is_url(spec):
+        return read_index_file(spec)
+    base, _slash, name = spec.rpartition("/")
+    client = Client(base, 1, dict(http.headers), http.tls)
+    try:
+        data, _ = await fetch_with_retries(client, name, http, missing_ok=False)
+    finally:
+        await client.aclose()
+    return _parse(spec, data)
+
+
+def _parse(name, data):
     try:
         return Index.parse(data)
     except FormatError as e:
-        raise FormatError(f"{path}: {e}") from None
-
-
-def open_input(path: str, stores: list[str] | None = None) -> Input:
-    """Open an index with its stores (``stores`` empty: ``$CASYNC_STORE`` or
-    ``default.castr`` next to the index, as casync does), or a .catar."""
-    if is_catar(path):
-        try:
-            return Input(path, "catar", None, FileSource(path))
-        except OSError as e:
-            raise CafuseError(f"{path}: {e.strerror}") from None
-    index = read_index(path)
-    kind = index_kind(path, index)
-    if not stores:
-        stores = [os.environ.get("CASYNC_STORE")
-                  or os.path.join(os.path.dirname(path) or ".", DEFAULT_STORE)]
-    return Input(path, kind, index, IndexStream(index, [LocalStore(s) for s in stores]))
+        raise FormatError(f"{name}: {e}") from None
 
 
 def index_kind(path: str, index: Index) -> str:
     """"blob" or "tree": by the suffix, else by the feature flags."""
-    if path.endswith(".caibx"):
+    suffix = posixpath.splitext(urlsplit(path).path if is_url(path) else path)[1]
+    if suffix == ".caibx":
         return "blob"
-    if path.endswith(".caidx"):
+    if suffix == ".caidx":
         return "tree"
     return "tree" if index.feature_flags & _TREE_BITS else "blob"
 
 
 def is_catar(path: str) -> bool:
-    """A .catar file, by suffix or (for other names) by its first record."""
+    """A local .catar file, by suffix or (for other names) by its first record."""
+    if is_url(path) or path.endswith((".caibx", ".caidx")):
+        return False
     if path.endswith(".catar"):
         return True
-    if path.endswith((".caibx", ".caidx")):
-        return False
     try:
         with open(path, "rb") as f:
             head = f.read(16)
@@ -88,10 +117,40 @@ def is_catar(path: str) -> bool:
     return len(head) == 16 and struct.unpack("<2Q", head) == (catar.ENTRY_SIZE, catar.ENTRY)
 
 
-def _read_file(path):
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise CafuseError(f"{path}: {e.strerror}") from None
+def default_store(index_spec: str) -> str:
+    """``$CASYNC_STORE``, else ``default.castr`` next to the index, as casync."""
+    if os.environ.get("CASYNC_STORE"):
+        return os.environ["CASYNC_STORE"]
+    if is_url(index_spec):
+        return index_spec.rpartition("/")[0] + "/" + DEFAULT_STORE
+    return os.path.join(os.path.dirname(index_spec) or ".", DEFAULT_STORE)
 
+
+def parse_seed(spec: str) -> Seed:
+    """``INDEX[:FILE]``; FILE defaults to INDEX without its suffix."""
+    index, sep, file = spec.partition(":")
+    return Seed(read_index_file(index), file if sep else os.path.splitext(index)[0])
+
+
+def make_engine(index_spec: str, index: Index, options: Options) -> ChunkEngine:
+    stores = [open_store(s, options.http)
+              for s in options.stores or [default_store(index_spec)]]
+    disk = None
+    if not options.no_cache:
+        disk = DiskCache(options.cache_dir or default_dir(), options.cache_bytes)
+    return ChunkEngine(stores, index.digest, disk=disk,
+                       seeds=[parse_seed(s) for s in options.seeds],
+                       memory_bytes=options.memory_bytes, deadline=options.deadline)
+
+
+async def open_input(path: str, options: Options | None = None) -> Input:
+    """Open an index with its engine, or a local .catar."""
+    options = options or Options()
+    if is_catar(path):
+        try:
+            return Input(path, "catar", None, FileSource(path))
+        except OSError as e:
+            raise CafuseError(f"{path}: {e.strerror}") from None
+    index = await read_index(path, options.http)
+    engine = make_engine(path, index, options)
+    return Input(path, index_kind(path, index), index, IndexStream(index, engine))

@@ -1,19 +1,34 @@
-"""Local chunk stores in casync's layout (casync-format.md §4.1).
+"""Chunk stores: local directories and HTTP(S) servers in casync's layout.
 
-``<store>/<first 4 hex>/<64 hex>.cacnk`` holds a compressed chunk and
-``<store>/<first 4 hex>/<64 hex>`` an uncompressed one; a store may mix
-both.  ``load`` is blocking file I/O, meant to run in a worker thread next
-to decompression and hashing.
+``<store>/<first 4 hex>/<64 hex>.cacnk`` is a compressed chunk and
+``<store>/<first 4 hex>/<64 hex>`` an uncompressed one (casync-format
+§4.1); a local store may mix both, an HTTP store serves ``.cacnk`` only, as
+casync's own HTTP helper asks for nothing else (§4.3).
+
+A local store is read with blocking calls (``load``), in the worker thread
+that also decodes the chunk; an HTTP store is read with ``await fetch``.
 """
 
 import os
+import random
+from dataclasses import dataclass
+
+import trio
 
 from .errors import CafuseError
+from .http import Client, HTTPError, TLSOptions
 
 SUFFIX = os.environ.get("CASYNC_COMPRESSED_CHUNK_SUFFIX", ".cacnk")
 
 
+def chunk_path(chunk_id: bytes) -> str:
+    name = chunk_id.hex()
+    return f"{name[:4]}/{name}"
+
+
 class LocalStore:
+    blocking = True
+
     def __init__(self, path: str):
         self.path = path
 
@@ -23,8 +38,7 @@ class LocalStore:
     def load(self, chunk_id: bytes) -> tuple[bytes, bool] | None:
         """The chunk file's bytes and whether they are compressed; None if
         the store does not have the chunk."""
-        name = chunk_id.hex()
-        base = os.path.join(self.path, name[:4], name)
+        base = os.path.join(self.path, chunk_path(chunk_id))
         for path, compressed in ((base + SUFFIX, True), (base, False)):
             try:
                 with open(path, "rb") as f:
@@ -36,3 +50,78 @@ class LocalStore:
         if not os.path.isdir(self.path):
             raise CafuseError(f"{self.path}: chunk store not found (no such directory)")
         return None
+
+    async def aclose(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class HTTPOptions:
+    """How to talk to HTTP(S) stores and index URLs."""
+    connections: int = 8          # per store: requests in flight
+    timeout: float = 10.0         # seconds for one request
+    retries: int = 3              # further tries of a failed request
+    backoff: float = 0.2          # first retry delay, doubled each time
+    headers: tuple[tuple[str, str], ...] = ()
+    tls: TLSOptions = TLSOptions()
+
+
+class HTTPStore:
+    blocking = False
+
+    def __init__(self, url: str, options: HTTPOptions):
+        self.url = url.split("?")[0].split(";")[0].rstrip("/")
+        self.options = options
+        self.client = Client(self.url, options.connections, dict(options.headers),
+                             options.tls, max_body=256 << 20)
+
+    def __str__(self) -> str:
+        return self.url
+
+    async def fetch(self, chunk_id: bytes) -> tuple[bytes, bool] | None:
+        """The compressed chunk, or None on 404/410.  Connection errors,
+        timeouts, 5xx and 429 are retried with exponential back-off and
+        jitter; what still fails raises HTTPError."""
+        return await fetch_with_retries(self.client, chunk_path(chunk_id) + SUFFIX,
+                                        self.options, missing_ok=True)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+async def fetch_with_retries(client: Client, path: str, options: HTTPOptions,
+                             missing_ok: bool) -> tuple[bytes, bool] | None:
+    delay, attempt = options.backoff, 0
+    while True:
+        try:
+            with trio.fail_after(options.timeout):
+                response = await client.get(path)
+        except trio.TooSlowError:
+            error = HTTPError(f"{client.url(path)}: no answer within "
+                              f"{options.timeout:g} s", True)
+        except HTTPError as e:
+            error = e
+        else:
+            if response.status == 200:
+                return response.body, True
+            if response.status in (404, 410) and missing_ok:
+                return None
+            retryable = response.status >= 500 or response.status == 429
+            error = HTTPError(f"{client.url(path)}: HTTP {response.status}", retryable)
+        if not error.retryable or attempt >= options.retries:
+            raise error
+        attempt += 1
+        await trio.sleep(delay * (0.5 + random.random()))
+        delay *= 2
+
+
+def is_url(spec: str) -> bool:
+    return spec.startswith(("http://", "https://"))
+
+
+def open_store(spec: str, options: HTTPOptions):
+    if is_url(spec):
+        return HTTPStore(spec, options)
+    if "://" in spec:
+        raise CafuseError(f"{spec}: unsupported store URL (http, https or a directory)")
+    return LocalStore(spec)

@@ -4,7 +4,8 @@ set -eu
 cd "$(dirname "$0")/.."
 CAFUSE=$PWD/.venv/bin/cafuse
 WORK=$(mktemp -d /tmp/cafuse-demo.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT INT TERM
+trap 'rm -rf "$WORK"' EXIT
+trap 'exit 130' INT TERM
 
 show() { printf '\n$ %s\n' "$*"; "$@"; }
 

@@ -1,6 +1,7 @@
 """Session fixtures: source trees and the archives the real casync makes."""
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,12 @@ def require_root():
 
 
 def require_casync():
-    require(os.path.exists("/usr/bin/casync"), "needs casync (make setup)")
+    require(shutil.which("casync") is not None, "needs casync (make setup)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("root"):
+        require_root()
 
 
 @dataclass(frozen=True)
@@ -39,15 +45,17 @@ class Made:
     digest: str   # what casync make printed
 
 
+# name: (builder, the file inside the tree that kind="caibx" archives)
 _BUILDERS = {
-    "full": ("tree", trees.build_full_tree),
-    "edge": ("tree", trees.build_edge_tree),
-    "bigdir": ("tree", trees.build_bigdir_tree),
-    "sparse": ("tree", trees.build_sparse_tree),
-    "blob1m": ("blob", lambda p: trees.build_blob(p, 1 << 20)),
-    "blob5m": ("blob", lambda p: trees.build_blob(p, 5 << 20, "five")),
-    "blob_empty": ("blob", lambda p: trees.build_blob(p, 0)),
-    "blob_one": ("blob", lambda p: trees.build_blob(p, 1)),
+    "full": (trees.build_full_tree, None),
+    "edge": (trees.build_longname_tree, None),
+    "names": (trees.build_names_tree, None),
+    "bigdir": (trees.build_bigdir_tree, None),
+    "sparse": (trees.build_sparse_tree, "sparse"),
+    "blob1m": (lambda p: trees.build_blob(p, 1 << 20), None),
+    "blob5m": (lambda p: trees.build_blob(p, 5 << 20, "five"), None),
+    "blob_empty": (lambda p: trees.build_blob(p, 0), None),
+    "blob_one": (lambda p: trees.build_blob(p, 1), None),
 }
 
 
@@ -59,7 +67,7 @@ def source(tmp_path_factory):
     def get(name: str) -> Path:
         if name not in built:
             require_root()
-            _kind, builder = _BUILDERS[name]
+            builder, _member = _BUILDERS[name]
             built[name] = builder(tmp_path_factory.mktemp("src") / name)
         return built[name]
 
@@ -67,28 +75,65 @@ def source(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def full_tree(source):
+    return source("full")
+
+
+@pytest.fixture(scope="session")
+def longname_tree(source):
+    """255-byte names and a pre-1970 mtime: ``casync extract`` fails on it."""
+    return source("edge")
+
+
+@pytest.fixture(scope="session")
+def bigdir_tree(source):
+    return source("bigdir")
+
+
+@pytest.fixture(scope="session")
+def sparse_tree(source):
+    return source("sparse")
+
+
+def _archive_input(source, name: str, kind: str) -> Path:
+    """The directory (caidx, catar) or file (caibx) casync make is given."""
+    path = source(name)
+    member = _BUILDERS[name][1]
+    if kind == "caibx" and path.is_dir():
+        if member is None:
+            raise ValueError(f"{name!r} is a tree without a blob for kind='caibx'")
+        return path / member
+    if kind != "caibx" and not path.is_dir():
+        raise ValueError(f"{name!r} is a blob: use kind='caibx'")
+    return path
+
+
+@pytest.fixture(scope="session")
 def casync_archive(source, tmp_path_factory):
     """``casync_archive(name, kind, compression, digest, chunk_size)`` → Made.
 
-    ``kind`` is "caidx" or "catar" for trees, "caibx" for blobs.  Archives
-    with the same arguments are made once per session.
+    ``kind`` is "caidx" or "catar" for trees, "caibx" for blobs (and for the
+    2 GiB file of "sparse"); by default "caibx" for blobs, else "caidx".
+    Each archive gets its own store; the same arguments make it only once
+    per session.
     """
     made = {}
 
     def get(name, kind=None, compression="zstd", digest="sha512-256",
-            chunk_size=None) -> Made:
+            chunk_size="64K") -> Made:
         require_casync()
-        kind = kind or ("caibx" if _BUILDERS[name][0] == "blob" else "caidx")
+        if kind is None:
+            kind = "caidx" if source(name).is_dir() else "caibx"
         key = (name, kind, compression, digest, chunk_size)
         if key not in made:
-            src = source(name)
+            src = _archive_input(source, name, kind)
             out = tmp_path_factory.mktemp(f"{name}-{kind}")
+            index = out / f"{name}.{kind}"
             store = out / "default.castr"
-            printed = oracle.make(out / f"{name}.{kind}", src,
-                                  store=None if kind == "catar" else store,
+            printed = oracle.make(index, src, store=None if kind == "catar" else store,
                                   chunk_size=chunk_size, compression=compression,
                                   digest=digest)
-            made[key] = Made(out / f"{name}.{kind}", store, src, printed)
+            made[key] = Made(index, store, src, printed)
         return made[key]
 
     return get

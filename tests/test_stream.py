@@ -6,9 +6,9 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from cafuse.inputs import open_input
 
 import oracle
+from reading import open_made
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def blob(casync_archive):
 @given(data=st.data())
 def test_random_ranges_cross_chunk_boundaries(blob, data):
     made, expect = blob
-    stream = open_input(str(made.index), [str(made.store)]).source
+    stream = open_made(made).source
     offset = data.draw(st.integers(0, len(expect)))
     size = data.draw(st.integers(0, 200_000))
     got = trio.run(stream.read, offset, size)
@@ -34,10 +34,11 @@ def test_random_ranges_cross_chunk_boundaries(blob, data):
 
 def test_concurrent_reads_of_one_chunk_share_one_load(blob):
     made, expect = blob
-    stream = open_input(str(made.index), [str(made.store)]).source
+    stream = open_made(made).source
     loads = []
-    real_load = stream._load
-    stream._load = lambda i: loads.append(i) or real_load(i)
+    store = stream.engine._near_stores[0].store
+    real_load = store.load
+    store.load = lambda chunk_id: loads.append(chunk_id) or real_load(chunk_id)
 
     async def run():
         results = [None] * 10
@@ -49,12 +50,12 @@ def test_concurrent_reads_of_one_chunk_share_one_load(blob):
         return results
 
     assert trio.run(run) == [expect[100:150]] * 10
-    assert loads == [0]
+    assert loads == [stream.index.chunk_id(0)]
 
 
 def test_whole_stream_digest_matches_casync_digest(blob):
     made, _expect = blob
-    stream = open_input(str(made.index), [str(made.store)]).source
+    stream = open_made(made).source
     digest = hashlib.new("sha512_256")
     trio.run(stream.copy, 0, stream.size, digest.update)
     assert digest.hexdigest() == oracle.digest(made.index, made.store) == made.digest

@@ -8,9 +8,9 @@ import pytest
 import trio
 
 from cafuse import acl
-from cafuse.inputs import open_input
 
 import oracle
+from reading import open_made
 
 CASYNC_TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "link",
                 stat.S_IFCHR: "char", stat.S_IFBLK: "block", stat.S_IFIFO: "fifo",
@@ -19,7 +19,7 @@ CASYNC_TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "link",
 
 def read_all(made):
     """{path: (entry, content or None)} for everything in the archive."""
-    inp = open_input(str(made.index), [str(made.store)])
+    inp = open_made(made)
     archive = inp.archive()
 
     async def run():
@@ -114,7 +114,7 @@ def test_matches_casync_extract(full, full_entries, tmp_path):
 
 
 def test_every_path_resolves_by_lookup(full, full_entries):
-    archive = open_input(str(full.index), [str(full.store)]).archive()
+    archive = open_made(full).archive()
 
     async def run():
         for path, (entry, _data) in full_entries.items():
@@ -125,7 +125,7 @@ def test_every_path_resolves_by_lookup(full, full_entries):
 
 
 def test_symlinks_followed_inside_the_archive(full):
-    archive = open_input(str(full.index), [str(full.store)]).archive()
+    archive = open_made(full).archive()
 
     async def run():
         link = await archive.resolve("dir-link")
@@ -162,7 +162,7 @@ VARIANTS = [(c, d, s) for c in ("zstd", "xz", "gzip") for d in ("sha512-256", "s
 def test_variants_reassemble_and_list(casync_archive, compression, digest, chunk_size):
     made = casync_archive("full", compression=compression, digest=digest,
                           chunk_size=chunk_size)
-    inp = open_input(str(made.index), [str(made.store)])
+    inp = open_made(made)
     assert inp.index.digest == digest
     whole = hashlib.new(digest.replace("-", "_"))
     trio.run(inp.source.copy, 0, inp.source.size, whole.update)

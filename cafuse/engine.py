@@ -1,0 +1,235 @@
+"""The chunk engine: "give me chunk X", from the nearest place that has it.
+
+Order of search: the memory LRU, the disk cache, seeds, then the stores in
+the order given.  Only chunks from remote stores are written to the disk
+cache; seeds and local stores are close enough.  Every chunk from a seed or store is verified against its
+id before it is cached or returned.  Concurrent requests for one chunk share
+one load.  A store that fails (after its own retries) is set aside for a
+back-off period, so one dead mirror costs one deadline, not one per chunk;
+it is tried again when the period ends.  A chunk that no source can deliver
+raises ChunkError naming the chunk and what each store said.
+"""
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import cachetools
+import trio
+
+from . import chunk
+from .diskcache import DiskCache, DiskFull
+from .errors import CafuseError, ChunkError, single_errors
+
+log = logging.getLogger("cafuse")
+
+DEFAULT_MEMORY_BYTES = 128 << 20
+
+
+@dataclass
+class Stats:
+    """Where chunks came from; ``sources`` counts by name ("memory",
+    "disk cache", "seed", or a store's URL/path)."""
+    sources: Counter = field(default_factory=Counter)
+    transferred: int = 0      # bytes received from stores (compressed)
+    delivered: int = 0        # bytes of chunks handed out
+
+
+class _StoreState:
+    def __init__(self, store):
+        self.store = store
+        self.down_until = 0.0
+
+    def available(self) -> bool:
+        return self.down_until <= time.monotonic()
+
+
+class ChunkEngine:
+    def __init__(self, stores, digest: str, disk: DiskCache | None = None,
+                 seeds=(), memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                 threads: int = 4, deadline: float = 60.0, backoff: float = 5.0):
+        self.digest = digest
+        self.disk = disk
+        self.seeds = list(seeds)
+        self.deadline = deadline
+        self.backoff = backoff
+        self.stats = Stats()
+        states = [_StoreState(s) for s in stores]
+        # Local stores ahead of the first remote one are read in the same
+        # worker-thread hop as the disk cache and seeds.
+        split = next((k for k, s in enumerate(states) if not s.store.blocking), len(states))
+        self._near_stores, self._far_stores = states[:split], states[split:]
+        self._memory = cachetools.LRUCache(memory_bytes, getsizeof=len) \
+            if memory_bytes else None
+        self._loading: dict[bytes, trio.Event] = {}
+        self._limiter = trio.CapacityLimiter(threads)
+
+    async def get(self, chunk_id: bytes, size: int, remember: bool = True) -> bytes:
+        """The verified chunk; ``remember=False`` keeps it out of the memory
+        LRU (for bulk reads that would only flush it)."""
+        return (await self.get_many([(chunk_id, size)], remember))[0]
+
+    async def get_many(self, wanted: list[tuple[bytes, int]],
+                       remember: bool = True) -> list[bytes]:
+        """Several chunks at once: the local part of the search runs in one
+        worker-thread hop for all of them, the remote part concurrently.  A
+        chunk another task is already loading is waited for, not loaded
+        twice."""
+        results = [self._from_memory(cid) for cid, _size in wanted]
+        mine, theirs = {}, []
+        for k, (cid, _size) in enumerate(wanted):
+            if results[k] is not None:
+                continue
+            if cid in self._loading:
+                theirs.append(k)
+            elif cid in mine:
+                mine[cid].append(k)
+            else:
+                mine[cid] = [k]
+                self._loading[cid] = trio.Event()
+        try:
+            if mine:
+                await self._load(wanted, mine, results)
+                if remember and self._memory is not None:
+                    for cid, ks in mine.items():
+                        self._memory[cid] = results[ks[0]]
+        finally:
+            for cid in mine:
+                self._loading.pop(cid).set()
+        for k in theirs:
+            cid = wanted[k][0]
+            event = self._loading.get(cid)
+            if event is not None:
+                await event.wait()
+            data = self._from_memory(cid)
+            if data is None:
+                data = (await self.get_many([wanted[k]], remember))[0]
+            results[k] = data
+        return results
+
+    async def _load(self, wanted, mine, results):
+        firsts = [ks[0] for ks in mine.values()]
+        nearby = await trio.to_thread.run_sync(
+            lambda: [self._nearby(*wanted[k]) for k in firsts], limiter=self._limiter)
+        far = []
+        for k, (source, data, raw_size, problems) in zip(firsts, nearby):
+            if data is None:
+                far.append((k, problems))
+            else:
+                self._account(source, data, raw_size)
+                results[k] = data
+        if far:
+            async def one(k, problems):
+                results[k] = await self._far_with_deadline(*wanted[k], problems)
+
+            with single_errors():
+                async with trio.open_nursery() as nursery:
+                    for k, problems in far:
+                        nursery.start_soon(one, k, problems)
+        for ks in mine.values():
+            for k in ks[1:]:
+                results[k] = results[ks[0]]
+
+    def _from_memory(self, chunk_id):
+        data = self._memory.get(chunk_id) if self._memory is not None else None
+        if data is not None:
+            self._account("memory", data, 0)
+        return data
+
+    def _nearby(self, chunk_id, size):
+        """Disk cache, seeds, leading local stores (blocking, in a thread):
+        (source, data or None, bytes read from a store, problems)."""
+        if self.disk is not None:
+            data = self.disk.get(chunk_id)
+            if data is not None and len(data) == size:
+                return "disk cache", data, 0, []
+        for seed in self.seeds:
+            data = seed.load(chunk_id, size, self.digest)
+            if data is not None:
+                return "seed", data, 0, []
+        problems = []
+        for state in self._near_stores:
+            try:
+                found = state.store.load(chunk_id)
+                if found is None:
+                    problems.append(f"missing from {state.store}")
+                    continue
+                data = chunk.decode(*found, chunk_id, size, self.digest)
+            except CafuseError as e:
+                problems.append(f"{e} ({state.store})")
+                continue
+            return str(state.store), data, len(found[0]), problems
+        return None, None, 0, problems
+
+    async def _far_with_deadline(self, chunk_id, size, problems):
+        with trio.move_on_after(self.deadline):
+            return await self._far(chunk_id, size, problems)
+        problems.append(f"not delivered within {self.deadline:g} s")
+        raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems))
+
+    async def _far(self, chunk_id, size, problems):
+        for state in self._far_stores:
+            if not state.available():
+                problems.append(f"{state.store} set aside after errors")
+                continue
+            try:
+                data, raw_size = await self._from_store(state.store, chunk_id, size)
+            except ChunkError as e:
+                problems.append(f"{e} ({state.store})")
+                log.warning("%s (store %s)", e, state.store)
+                continue
+            except CafuseError as e:
+                self._set_aside(state, e)
+                problems.append(str(e))
+                continue
+            if data is None:
+                problems.append(f"missing from {state.store}")
+                continue
+            self._account(str(state.store), data, raw_size)
+            return data
+        raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems or ["no stores"]))
+
+    async def _from_store(self, store, chunk_id, size):
+        if store.blocking:
+            found = await trio.to_thread.run_sync(store.load, chunk_id,
+                                                  limiter=self._limiter)
+        else:
+            found = await store.fetch(chunk_id)
+        if found is None:
+            return None, 0
+
+        def decode_and_keep():
+            data = chunk.decode(*found, chunk_id, size, self.digest)
+            if not store.blocking:  # local stores are close enough already
+                self._put_disk(chunk_id, data)
+            return data
+        return await trio.to_thread.run_sync(decode_and_keep, limiter=self._limiter), \
+            len(found[0])
+
+    def _put_disk(self, chunk_id, data):
+        disk = self.disk
+        if disk is None:
+            return
+        try:
+            disk.put(chunk_id, data)
+        except DiskFull as e:
+            log.warning("%s; going on without the disk cache", e)
+            self.disk = None
+        except CafuseError as e:
+            log.warning("%s", e)
+
+    def _set_aside(self, state, error):
+        state.down_until = time.monotonic() + self.backoff
+        log.warning("%s; setting store %s aside for %g s", error, state.store, self.backoff)
+
+    def _account(self, source, data, raw_size):
+        self.stats.sources[source] += 1
+        self.stats.delivered += len(data)
+        self.stats.transferred += raw_size
+
+    async def aclose(self) -> None:
+        for state in self._near_stores + self._far_stores:
+            await state.store.aclose()
+        for seed in self.seeds:
+            seed.close()

@@ -1,0 +1,66 @@
+"""``cafuse prefetch``: every chunk of an index into the disk cache."""
+
+import time
+
+import trio
+
+from .engine import ChunkEngine
+from .index import Index
+from .listing import size_text
+
+_BATCH_CHUNKS = 16
+_WORKERS = 8
+
+
+async def prefetch(index: Index, engine: ChunkEngine, progress) -> list[str]:
+    """Fetch each distinct chunk once, reporting progress to the text stream
+    ``progress`` (a line rewritten in place on a terminal, a line every 10 s
+    elsewhere); returns the summary lines."""
+    wanted = list(dict.fromkeys((index.chunk_id(i), index.chunk_size(i))
+                                for i in range(len(index))))
+    total = sum(size for _cid, size in wanted)
+    batches = iter([wanted[k:k + _BATCH_CHUNKS]
+                    for k in range(0, len(wanted), _BATCH_CHUNKS)])
+    done = [0, 0]  # chunks, bytes
+    start = time.monotonic()
+
+    async def worker():
+        for batch in batches:
+            await engine.get_many(batch, remember=False)
+            done[0] += len(batch)
+            done[1] += sum(size for _cid, size in batch)
+
+    async def report_progress():
+        tty = progress.isatty()
+        while True:
+            await trio.sleep(0.2 if tty else 10)
+            line = _progress_line(done, len(wanted), total, time.monotonic() - start)
+            progress.write(f"\r{line}\033[K" if tty else line + "\n")
+            progress.flush()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(report_progress)
+        async with trio.open_nursery() as workers:
+            for _ in range(_WORKERS):
+                workers.start_soon(worker)
+        nursery.cancel_scope.cancel()
+    if progress.isatty():
+        progress.write("\r\033[K")
+    return _summary(engine, len(wanted), total, time.monotonic() - start)
+
+
+def _progress_line(done, chunks, total, elapsed):
+    rate = done[1] / elapsed if elapsed else 0
+    left = f", {(total - done[1]) / rate:.0f} s left" if rate else ""
+    return (f"{done[0]}/{chunks} chunks, {size_text(done[1])} of {size_text(total)}, "
+            f"{rate / 1e6:.1f} MB/s{left}")
+
+
+def _summary(engine, chunks, total, elapsed):
+    stats = engine.stats
+    lines = [f"Prefetched {chunks} distinct chunks ({size_text(total)}) in {elapsed:.1f} s: "
+             f"{total / elapsed / 1e6 if elapsed else 0:.1f} MB/s"]
+    for source, count in sorted(stats.sources.items()):
+        lines.append(f"  from {source}: {count} chunks")
+    lines.append(f"Transferred {size_text(stats.transferred)} from stores.")
+    return lines
