@@ -7,14 +7,15 @@ rotten file is fetched again, never served.  Entries are written under a
 temporary name and renamed into place, so a crash leaves at worst a stray
 ``*.tmp``.  The file mtime is the LRU clock: a hit refreshes it (at most
 once a minute per entry); ``prune`` deletes the oldest entries until the
-cache fits its byte budget, under an flock so concurrent pruners take
-turns.  Several processes may read, write and prune one cache at once:
+cache fits its byte budget (to 90% of it, so that pruning is rare), under
+an flock so concurrent pruners take turns.  Several processes may read, write and prune one cache at once:
 renames are atomic and unlinking a file another process reads is safe.
 """
 
 import errno
 import fcntl
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -55,6 +56,7 @@ class DiskCache:
         self.max_bytes = max_bytes
         self.chunks = os.path.join(path, "chunks")
         self._size: int | None = None  # our estimate; None until scanned
+        self._lock = threading.Lock()   # puts come from several worker threads
         try:
             os.makedirs(self.chunks, exist_ok=True)
         except OSError as e:
@@ -98,12 +100,14 @@ class DiskCache:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise DiskFull(f"cache directory {self.path}: {e.strerror}") from None
             raise CafuseError(f"cache directory {self.path}: {e.strerror}") from None
-        if self._size is None:
-            self._size = self.usage().bytes
-        else:
-            self._size += CHECK_SIZE + len(data)
-        if self._size > self.max_bytes:
-            self.prune(self.max_bytes)
+        with self._lock:
+            if self._size is None:
+                self._size = self.usage().bytes
+            else:
+                self._size += CHECK_SIZE + len(data)
+            if self._size > self.max_bytes:
+                # Down to 90%, so that pruning (a scan of the whole cache) is rare.
+                self.prune(self.max_bytes * 9 // 10)
 
     def usage(self) -> Usage:
         entries, total, stray, oldest, newest = 0, 0, 0, None, None

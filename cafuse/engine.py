@@ -11,6 +11,7 @@ raises ChunkError naming the chunk and what each store said.
 """
 
 import logging
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class ChunkEngine:
             if memory_bytes else None
         self._loading: dict[bytes, trio.Event] = {}
         self._limiter = trio.CapacityLimiter(threads)
+        self._disk_lock = threading.Lock()
 
     async def get(self, chunk_id: bytes, size: int, remember: bool = True) -> bytes:
         """The verified chunk; ``remember=False`` keeps it out of the memory
@@ -73,21 +75,26 @@ class ChunkEngine:
     async def get_many(self, wanted: list[tuple[bytes, int]],
                        remember: bool = True) -> list[bytes]:
         """Several chunks at once: the local part of the search runs in one
-        worker-thread hop for all of them, the remote part concurrently.  A
-        chunk another task is already loading is waited for, not loaded
-        twice."""
+        worker-thread hop for all of them, the remote part concurrently.
+
+        With ``remember`` (demand reads), a chunk another task is already
+        loading is waited for, not loaded twice.  Bulk reads
+        (``remember=False``) load what they need themselves: waiting for a
+        chunk they would then not find in memory would only cost a second
+        load."""
         results = [self._from_memory(cid) for cid, _size in wanted]
         mine, theirs = {}, []
         for k, (cid, _size) in enumerate(wanted):
             if results[k] is not None:
                 continue
-            if cid in self._loading:
+            if remember and cid in self._loading:
                 theirs.append(k)
             elif cid in mine:
                 mine[cid].append(k)
             else:
                 mine[cid] = [k]
-                self._loading[cid] = trio.Event()
+                if remember:
+                    self._loading[cid] = trio.Event()
         try:
             if mine:
                 await self._load(wanted, mine, results)
@@ -95,8 +102,9 @@ class ChunkEngine:
                     for cid, ks in mine.items():
                         self._memory[cid] = results[ks[0]]
         finally:
-            for cid in mine:
-                self._loading.pop(cid).set()
+            if remember:
+                for cid in mine:
+                    self._loading.pop(cid).set()
         for k in theirs:
             cid = wanted[k][0]
             event = self._loading.get(cid)
@@ -214,8 +222,10 @@ class ChunkEngine:
         try:
             disk.put(chunk_id, data)
         except DiskFull as e:
-            log.warning("%s; going on without the disk cache", e)
-            self.disk = None
+            with self._disk_lock:  # several worker threads may hit it at once
+                if self.disk is disk:
+                    self.disk = None
+                    log.warning("%s; going on without the disk cache", e)
         except CafuseError as e:
             log.warning("%s", e)
 

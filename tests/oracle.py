@@ -7,7 +7,6 @@ import re
 import stat
 import struct
 import subprocess
-from pathlib import Path
 
 TIMEOUT = 300
 

@@ -4,36 +4,13 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 import oracle
 import trees
 
-CAFUSE = str(Path(sys.executable).parent / "cafuse")
-
-
-def run(*args, ok=True, **kwargs):
-    done = subprocess.run([CAFUSE, *map(str, args)], capture_output=True, timeout=300,
-                          **kwargs)
-    if ok:
-        assert done.returncode == 0, done.stderr.decode()
-        assert done.stderr == b""
-    return done
-
-
-def fails(*args, match):
-    """The command fails cleanly: exit 1, one line on stderr, nothing on stdout."""
-    done = run(*args, ok=False)
-    err = done.stderr.decode()
-    assert done.returncode == 1, err
-    assert err.count("\n") == 1 and err.startswith("cafuse: error: "), err
-    assert "Traceback" not in err
-    assert match in err, err
-    assert done.stdout == b""
-    return err
+from command import CAFUSE, fails, run
 
 
 @pytest.fixture(scope="module")
