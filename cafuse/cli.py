@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+from contextlib import asynccontextmanager
 import os
 import signal
 import stat
@@ -221,9 +222,23 @@ def _flag_lines(value):
             f"Features:      {' '.join(ff.names(value)) or '(none)'}")
 
 
-async def cmd_ls(args) -> None:
+@asynccontextmanager
+async def opened(args):
+    """The input named on the command line, with the engine's upkeep
+    running beside the work; closed afterwards."""
     inp = await open_input(args.index, options(args))
     try:
+        async with trio.open_nursery() as nursery:
+            if inp.index is not None:
+                nursery.start_soon(inp.source.engine.maintain)
+            yield inp
+            nursery.cancel_scope.cancel()
+    finally:
+        await inp.aclose()
+
+
+async def cmd_ls(args) -> None:
+    async with opened(args) as inp:
         archive = inp.archive()
         entry = await archive.resolve(args.path)
         out = []
@@ -235,8 +250,6 @@ async def cmd_ls(args) -> None:
         else:
             for child in await archive.listdir(entry):
                 out.append(_ls_line(args, child, child.name))
-    finally:
-        await inp.aclose()
     _print(*out)
 
 
@@ -245,8 +258,7 @@ def _ls_line(args, entry, path):
 
 
 async def cmd_cat(args) -> None:
-    inp = await open_input(args.index, options(args))
-    try:
+    async with opened(args) as inp:
         if inp.is_tree:
             offset, size = await _file_range(inp, args.path)
         elif args.path:
@@ -259,8 +271,6 @@ async def cmd_cat(args) -> None:
         else:
             await inp.source.copy(offset, size, sys.stdout.buffer.write)
             sys.stdout.buffer.flush()
-    finally:
-        await inp.aclose()
 
 
 async def _file_range(inp: Input, path):
@@ -290,14 +300,10 @@ async def _copy_to_file(inp, offset, size, output):
 async def cmd_prefetch(args) -> None:
     if args.no_cache:
         raise UsageError("prefetch fills the disk cache; it cannot run with --no-cache")
-    inp = await open_input(args.index, options(args))
-    if inp.index is None:
-        await inp.aclose()
-        raise UsageError(f"{args.index}: a local .catar needs no prefetch")
-    try:
+    async with opened(args) as inp:
+        if inp.index is None:
+            raise UsageError(f"{args.index}: a local .catar needs no prefetch")
         report = await prefetch(inp.index, inp.source.engine, sys.stderr)
-    finally:
-        await inp.aclose()
     _print(*report)
 
 
@@ -305,15 +311,13 @@ async def cmd_cache_stats(args) -> None:
     cache = DiskCache(args.cache_dir or default_dir(), args.cache_size)
     usage = await trio.to_thread.run_sync(cache.usage)
     lines = [f"Cache:         {cache.path}",
-             f"Entries:       {usage.entries}",
+             f"Entries:       {usage.entries} chunks in {usage.packs} pack files",
              f"Size:          {usage.bytes} bytes ({size_text(usage.bytes)}) of "
              f"{size_text(cache.max_bytes)} allowed"]
     if usage.entries:
         lines += [f"Oldest use:    {timestamp(int(usage.oldest * 1e9))[:19]} UTC",
                   f"Newest use:    {timestamp(int(usage.newest * 1e9))[:19]} UTC"]
-    if usage.stray_tmp:
-        lines.append(f"Temporary:     {usage.stray_tmp} unfinished writes (prune removes "
-                     "those older than an hour)")
+    cache.close()
     _print(*lines)
 
 
@@ -322,6 +326,7 @@ async def cmd_cache_prune(args) -> None:
     target = args.cache_size if args.max_size is None else args.max_size
     freed = await trio.to_thread.run_sync(cache.prune, target)
     usage = await trio.to_thread.run_sync(cache.usage)
+    cache.close()
     _print(f"Freed {size_text(freed)}; the cache now holds {usage.entries} chunks, "
            f"{size_text(usage.bytes)}.")
 

@@ -20,7 +20,7 @@ import cachetools
 import trio
 
 from . import chunk
-from .diskcache import DiskCache, DiskFull
+from .diskcache import DiskCache
 from .errors import CafuseError, ChunkError, single_errors
 
 log = logging.getLogger("cafuse")
@@ -98,6 +98,9 @@ class ChunkEngine:
         try:
             if mine:
                 await self._load(wanted, mine, results)
+                if self.disk is not None and self.disk.flush_due():
+                    await trio.to_thread.run_sync(self._disk_call, "flush",
+                                                  limiter=self._limiter)
                 if remember and self._memory is not None:
                     for cid, ks in mine.items():
                         self._memory[cid] = results[ks[0]]
@@ -148,10 +151,9 @@ class ChunkEngine:
     def _nearby(self, chunk_id, size):
         """Disk cache, seeds, leading local stores (blocking, in a thread):
         (source, data or None, bytes read from a store, problems)."""
-        if self.disk is not None:
-            data = self.disk.get(chunk_id)
-            if data is not None and len(data) == size:
-                return "disk cache", data, 0, []
+        data = self._disk_call("get", chunk_id)
+        if data is not None and len(data) == size:
+            return "disk cache", data, 0, []
         for seed in self.seeds:
             data = seed.load(chunk_id, size, self.digest)
             if data is not None:
@@ -216,18 +218,22 @@ class ChunkEngine:
             len(found[0])
 
     def _put_disk(self, chunk_id, data):
+        self._disk_call("put", chunk_id, data)
+
+    def _disk_call(self, method, *args):
+        """A disk cache call; on any failure (a full disk, a broken index)
+        the engine goes on without the cache, after one warning."""
         disk = self.disk
         if disk is None:
-            return
+            return None
         try:
-            disk.put(chunk_id, data)
-        except DiskFull as e:
-            with self._disk_lock:  # several worker threads may hit it at once
+            return getattr(disk, method)(*args)
+        except CafuseError as e:
+            with self._disk_lock:  # several worker threads may fail at once
                 if self.disk is disk:
                     self.disk = None
                     log.warning("%s; going on without the disk cache", e)
-        except CafuseError as e:
-            log.warning("%s", e)
+            return None
 
     def _set_aside(self, state, error):
         state.down_until = time.monotonic() + self.backoff
@@ -238,8 +244,20 @@ class ChunkEngine:
         self.stats.delivered += len(data)
         self.stats.transferred += raw_size
 
+    async def maintain(self) -> None:
+        """Run beside the work (in its nursery): commits cache rows that
+        would otherwise wait for the next write, so a process killed while
+        slow fetches hang keeps what it had fetched."""
+        while True:
+            await trio.sleep(0.25)
+            if self.disk is not None and self.disk.flush_due():
+                await trio.to_thread.run_sync(self._disk_call, "flush",
+                                              limiter=self._limiter)
+
     async def aclose(self) -> None:
         for state in self._near_stores + self._far_stores:
             await state.store.aclose()
         for seed in self.seeds:
             seed.close()
+        if self.disk is not None:
+            self.disk.close()

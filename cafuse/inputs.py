@@ -5,6 +5,7 @@ read through a chunk engine, or a local .catar file; either way it becomes
 a byte source plus the knowledge of whether it holds a tree.
 """
 
+import logging
 import os
 import posixpath
 import struct
@@ -21,6 +22,8 @@ from .index import Index
 from .seed import Seed
 from .store import HTTPOptions, fetch_with_retries, is_url, open_store
 from .stream import FileSource, IndexStream
+
+log = logging.getLogger("cafuse")
 
 DEFAULT_STORE = "default.castr"
 DEFAULT_CACHE_BYTES = 2 << 30
@@ -137,7 +140,10 @@ def make_engine(index_spec: str, index: Index, options: Options) -> ChunkEngine:
               for s in options.stores or [default_store(index_spec)]]
     disk = None
     if not options.no_cache:
-        disk = DiskCache(options.cache_dir or default_dir(), options.cache_bytes)
+        try:
+            disk = DiskCache(options.cache_dir or default_dir(), options.cache_bytes)
+        except CafuseError as e:
+            log.warning("%s; going on without the disk cache", e)
     return ChunkEngine(stores, index.digest, disk=disk,
                        seeds=[parse_seed(s) for s in options.seeds],
                        memory_bytes=options.memory_bytes, deadline=options.deadline)
