@@ -53,10 +53,27 @@ def parse_size(text: str) -> int:
     return int(number * SIZE_UNITS[unit])
 
 
+def _at_least(kind, low):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected a number >= {low}, not {text!r}")
+        return value
+    return parse
+
+
+COUNT = _at_least(int, 0)
+POSITIVE_COUNT = _at_least(int, 1)
+SECONDS = _at_least(float, 0.001)
+
+
 def parse_header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition(":")
     if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"not a header: expected 'Name: value'")
+        raise argparse.ArgumentTypeError("not a header: expected 'Name: value'")
     return name.strip(), value.strip()
 
 
@@ -137,13 +154,13 @@ def _add_cache_dir(parser):
 
 def _add_http(parser):
     group = parser.add_argument_group("HTTP(S) stores and index URLs")
-    group.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+    group.add_argument("--timeout", type=SECONDS, default=10.0, metavar="SECONDS",
                        help="deadline of one HTTP request (default: 10)")
-    group.add_argument("--retries", type=int, default=3, metavar="N",
+    group.add_argument("--retries", type=COUNT, default=3, metavar="N",
                        help="tries again after connection errors, timeouts, 5xx "
                        "and 429, with exponential back-off (default: 3)")
-    group.add_argument("--connections", type=int, default=8, metavar="N",
-                       help="requests in flight per store (default: 8)")
+    group.add_argument("--connections", type=POSITIVE_COUNT, default=16, metavar="N",
+                       help="requests in flight per store (default: 16)")
     group.add_argument("-H", "--header", type=parse_header, action="append", default=[],
                        metavar="'NAME: VALUE'", help="extra request header; repeatable")
     group.add_argument("--ca-file", metavar="FILE", help="CA bundle to verify servers with")
@@ -164,7 +181,7 @@ def _add_sources(parser):
                         "(default: INDEX without its suffix); repeatable")
     _add_cache_dir(parser)
     parser.add_argument("--no-cache", action="store_true", help="use no disk cache")
-    parser.add_argument("--deadline", type=float, default=60.0, metavar="SECONDS",
+    parser.add_argument("--deadline", type=SECONDS, default=60.0, metavar="SECONDS",
                         help="give up on a chunk after this long, all stores and "
                         "retries included (default: 60)")
     _add_http(parser)

@@ -171,8 +171,10 @@ class Client:
             else:
                 stream = await trio.open_tcp_stream(self.hostname, self.port)
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as e:
+            # A certificate that fails verification will fail again.
+            retryable = not isinstance(e.__cause__ or e, ssl.SSLCertVerificationError)
             raise HTTPError(f"{self.scheme}://{self.host_header}: cannot connect: "
-                            f"{_describe(e)}", True) from None
+                            f"{_describe(e)}", retryable) from None
         return _Connection(stream)
 
     async def aclose(self) -> None:
@@ -190,6 +192,10 @@ async def _close_quietly(conn):
 
 
 def _describe(error: BaseException) -> str:
+    if isinstance(error, trio.BrokenResourceError) and error.__cause__ is not None:
+        return _describe(error.__cause__)
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"TLS certificate verify failed: {error.verify_message}"
     if isinstance(error, _Closed):
         return "connection closed before the response was complete"
     if isinstance(error, OSError) and error.strerror:

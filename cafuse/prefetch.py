@@ -1,6 +1,7 @@
 """``cafuse prefetch``: every chunk of an index into the disk cache."""
 
 import time
+from array import array
 
 import trio
 
@@ -16,11 +17,7 @@ async def prefetch(index: Index, engine: ChunkEngine, progress) -> list[str]:
     """Fetch each distinct chunk once, reporting progress to the text stream
     ``progress`` (a line rewritten in place on a terminal, a line every 10 s
     elsewhere); returns the summary lines."""
-    wanted = list(dict.fromkeys((index.chunk_id(i), index.chunk_size(i))
-                                for i in range(len(index))))
-    total = sum(size for _cid, size in wanted)
-    batches = iter([wanted[k:k + _BATCH_CHUNKS]
-                    for k in range(0, len(wanted), _BATCH_CHUNKS)])
+    chunks, total, batches = _distinct(index)
     done = [0, 0]  # chunks, bytes
     start = time.monotonic()
 
@@ -34,7 +31,7 @@ async def prefetch(index: Index, engine: ChunkEngine, progress) -> list[str]:
         tty = progress.isatty()
         while True:
             await trio.sleep(0.2 if tty else 10)
-            line = _progress_line(done, len(wanted), total, time.monotonic() - start)
+            line = _progress_line(done, chunks, total, time.monotonic() - start)
             progress.write(f"\r{line}\033[K" if tty else line + "\n")
             progress.flush()
 
@@ -46,7 +43,32 @@ async def prefetch(index: Index, engine: ChunkEngine, progress) -> list[str]:
         nursery.cancel_scope.cancel()
     if progress.isatty():
         progress.write("\r\033[K")
-    return _summary(engine, len(wanted), total, time.monotonic() - start)
+    return _summary(engine, chunks, total, time.monotonic() - start)
+
+
+def _distinct(index: Index):
+    """Count, bytes, and a lazy iterator of batches of the distinct chunks.
+
+    Memory stays small for huge indexes: chunks are told apart by the first
+    8 bytes of their ids (random digests; a collision would only leave one
+    chunk unfetched, never serve a wrong one) and batches are made as the
+    workers take them.
+    """
+    seen, firsts = set(), array("Q")
+    total = 0
+    for i in range(len(index)):
+        key = index.chunk_id(i)[:8]
+        if key not in seen:
+            seen.add(key)
+            firsts.append(i)
+            total += index.chunk_size(i)
+    del seen
+
+    def batches():
+        for k in range(0, len(firsts), _BATCH_CHUNKS):
+            yield [(index.chunk_id(i), index.chunk_size(i))
+                   for i in firsts[k:k + _BATCH_CHUNKS]]
+    return len(firsts), total, batches()
 
 
 def _progress_line(done, chunks, total, elapsed):

@@ -58,7 +58,7 @@ class LocalStore:
 @dataclass(frozen=True)
 class HTTPOptions:
     """How to talk to HTTP(S) stores and index URLs."""
-    connections: int = 8          # per store: requests in flight
+    connections: int = 16         # per store: requests in flight
     timeout: float = 10.0         # seconds for one request
     retries: int = 3              # further tries of a failed request
     backoff: float = 0.2          # first retry delay, doubled each time

@@ -26,8 +26,9 @@ http {{
     keepalive_requests 100000;
     sendfile on;
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{ssl};
         root {root};
+        {certs}
     }}
 }}
 """
@@ -51,17 +52,21 @@ def wait_for_port(port: int, timeout: float = 10.0):
 
 
 class Nginx:
-    """nginx serving ``root`` at ``self.url``; a context manager."""
+    """nginx serving ``root`` at ``self.url``; a context manager.  With
+    ``tls=(cert, key)`` it serves HTTPS."""
 
-    def __init__(self, root: Path, work: Path):
-        self.root, self.work = root, work
+    def __init__(self, root: Path, work: Path, tls: tuple[Path, Path] | None = None):
+        self.root, self.work, self.tls = root, work, tls
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
 
     def __enter__(self):
         self.work.mkdir(parents=True, exist_ok=True)
         conf = self.work / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(work=self.work, port=self.port, root=self.root))
+        certs = (f"ssl_certificate {self.tls[0]}; ssl_certificate_key {self.tls[1]};"
+                 if self.tls else "")
+        conf.write_text(NGINX_CONF.format(work=self.work, port=self.port, root=self.root,
+                                          ssl=" ssl" if self.tls else "", certs=certs))
         self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(self.work),
                                       "-e", str(self.work / "error.log")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -163,6 +168,16 @@ class FaultServer:
                 h.wfile.flush()
             return
         h.wfile.write(body)
+
+
+def self_signed(where: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key."""
+    cert, key = where / "cert.pem", where / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True,
+                   capture_output=True, timeout=60)
+    return cert, key
 
 
 def dead_url() -> str:

@@ -15,7 +15,7 @@ import pytest
 
 from command import CAFUSE, fails, run
 from conftest import require
-from servers import FaultServer, Nginx, dead_url, kill_quietly
+from servers import FaultServer, Nginx, dead_url, kill_quietly, self_signed
 
 FAST = ["--timeout", "0.5", "--retries", "1", "--deadline", "5"]
 
@@ -59,6 +59,15 @@ def test_tree_over_http(nginx, tree, cache):
     assert run("cat", *cache, url, "dir/sub/deep.txt").stdout == b"deep\n"
     local = run("ls", "-lR", tree.index).stdout
     assert run("ls", "-lR", *cache, "-s", f"{nginx.url}/tree/default.castr", url).stdout == local
+
+
+def test_https_with_ca_file_or_insecure(nginx, blob, cache, tmp_path):
+    cert, key = self_signed(tmp_path)
+    with Nginx(nginx.root, tmp_path / "nginx-tls", tls=(cert, key)) as server:
+        url = f"{server.url}/blob/{blob.index.name}"
+        fails("cat", *cache, *FAST, url, match="certificate verify failed")
+        assert run("cat", *cache, "--ca-file", cert, url).stdout == blob.tree.read_bytes()
+        assert run("cat", "--no-cache", "--insecure", url).stdout == blob.tree.read_bytes()
 
 
 def test_index_url_404(nginx):
