@@ -11,6 +11,8 @@ import sys
 import trio
 
 from . import __version__, flags as ff
+from .daemon import (MountRequest, check_mountpoint, run_background, run_foreground,
+                     unmount)
 from .diskcache import DiskCache, default_dir
 from .errors import CafuseError, UsageError, first_error
 from .http import TLSOptions
@@ -118,6 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "progress line, and end with where the chunks came from.")
     _add_sources(pre)
     pre.set_defaults(run=cmd_prefetch)
+
+    mount = _command(commands, "mount", "mount an index with FUSE",
+                     "Mount a .caidx as a read-only directory tree, or a .caibx as "
+                     "a directory holding one read-only file named after the index "
+                     "(loop-mountable with losetup -r).  Chunks are fetched when "
+                     "read; the archive's modes are enforced by the kernel.  Runs "
+                     "in the foreground until SIGINT/SIGTERM or 'cafuse umount'.")
+    mount.add_argument("-o", dest="fuse_options", action="append", default=[],
+                       metavar="OPTIONS", help="FUSE mount options, comma-separated "
+                       "(e.g. allow_other); ro and default_permissions are always set")
+    mount.add_argument("--background", action="store_true",
+                       help="return once the mount is usable (exit 0), or with the "
+                       "error (exit 1) leaving nothing mounted")
+    mount.add_argument("--log-file", metavar="FILE",
+                       help="where a background mount logs (default: nowhere)")
+    _add_sources(mount)
+    mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
+    mount.set_defaults(run=cmd_mount)
+
+    umount = _command(commands, "umount", "unmount a cafuse mount", None)
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount.set_defaults(run=cmd_umount)
 
     cache = _command(commands, "cache", "inspect or shrink the disk cache",
                      "Show the disk cache's size, or prune it to a size.")
@@ -324,6 +348,20 @@ async def cmd_prefetch(args) -> None:
     _print(*report)
 
 
+def cmd_mount(args) -> None:
+    check_mountpoint(args.mountpoint)
+    request = MountRequest(args.index, os.path.abspath(args.mountpoint), options(args),
+                           [o for group in args.fuse_options for o in group.split(",") if o])
+    if args.background:
+        run_background(request, args.log_file)
+    else:
+        run_foreground(request)
+
+
+def cmd_umount(args) -> None:
+    unmount(args.mountpoint)
+
+
 async def cmd_cache_stats(args) -> None:
     cache = DiskCache(args.cache_dir or default_dir(), args.cache_size)
     usage = await trio.to_thread.run_sync(cache.usage)
@@ -366,7 +404,10 @@ def main(argv=None) -> int:
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="cafuse: %(levelname)s: %(message)s")
     try:
-        trio.run(args.run, args)
+        if args.run in (cmd_mount, cmd_umount):
+            args.run(args)  # they run trio themselves, after forking if asked
+        else:
+            trio.run(args.run, args)
     except CafuseError as e:
         return _fail(e)
     except BaseExceptionGroup as group:

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from command import CAFUSE, fails, run
-from conftest import require
+from casync_fixtures import require
 from servers import FaultServer, Nginx, dead_url, kill_quietly, self_signed
 
 FAST = ["--timeout", "0.5", "--retries", "1", "--deadline", "5"]

@@ -2,16 +2,13 @@
 
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-import oracle  # noqa: E402
-import trees  # noqa: E402
+import oracle
+import trees
 
 IN_CI = os.environ.get("CI") == "true"
 

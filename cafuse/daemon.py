@@ -1,0 +1,178 @@
+"""Running a mount: checks, the FUSE session, signals, background mode.
+
+``cafuse mount`` in the foreground serves until SIGINT/SIGTERM or an
+external unmount, then unmounts.  With ``--background`` the command forks:
+the child mounts and reports "ready" (or the error) through a pipe, and the
+parent exits 0 only once the mount is usable, or 1 with the child's error,
+leaving nothing mounted.
+"""
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from .archive import Archive
+from .errors import CafuseError, UsageError, first_error
+from .inputs import Input, Options, open_input
+from .mount import BlobFS, TreeFS
+from .store import is_url
+
+log = logging.getLogger("cafuse")
+
+
+@dataclass
+class MountRequest:
+    index: str
+    mountpoint: str
+    options: Options
+    fuse_options: list[str]
+
+
+def mounted(mountpoint: str) -> bool:
+    """Whether ``mountpoint`` is a mount point now (without touching it, so
+    a hung FUSE daemon cannot hang the check)."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == target:
+                return True
+    return False
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"{mountpoint}: mount point is not an existing directory")
+    if mounted(mountpoint):
+        raise UsageError(f"{mountpoint}: something is already mounted there")
+
+
+async def build_fs(inp: Input):
+    """The file system for an input, after reading what proves it works:
+    the root's records for a tree, the first chunk for a blob."""
+    stream = inp.source
+    mtime_ns = (time.time_ns() if is_url(inp.path)
+                else os.stat(inp.path).st_mtime_ns)
+    if inp.is_tree:
+        archive = Archive(stream)
+        root = await archive.root()
+        await archive.children(root)
+        return TreeFS(stream, root, mtime_ns)
+    if stream.size:
+        await stream.read(0, 1)
+    name = os.path.basename(inp.path.rstrip("/")).removesuffix(".caibx") or "blob"
+    return BlobFS(stream, name, mtime_ns)
+
+
+async def serve(request: MountRequest, ready) -> None:
+    """Mount, call ``ready()``, serve until a signal or an unmount."""
+    inp = await open_input(request.index, request.options)
+    if inp.index is None:
+        await inp.aclose()
+        raise UsageError(f"{request.index}: mount takes a .caidx or .caibx index")
+    try:
+        fs = await build_fs(inp)
+        options = {"ro", "default_permissions", "subtype=cafuse",
+                   f"fsname={request.index}", *request.fuse_options}
+        try:
+            pyfuse3.init(fs, request.mountpoint, options)
+        except RuntimeError as e:
+            raise CafuseError(f"{request.mountpoint}: cannot mount: {e}") from None
+        try:
+            async with trio.open_nursery() as nursery:
+                fs.nursery = nursery
+                nursery.start_soon(inp.source.engine.maintain)
+                nursery.start_soon(_stop_on_signal)
+                ready()
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+    finally:
+        await inp.aclose()
+
+
+async def _stop_on_signal():
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("%s: unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def run_foreground(request: MountRequest) -> None:
+    trio.run(serve, request, lambda: log.info("mounted %s on %s", request.index,
+                                              request.mountpoint))
+
+
+def run_background(request: MountRequest, log_file: str | None) -> None:
+    """Fork; return in the parent once the child's mount is ready, raise
+    CafuseError with the child's error otherwise."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: serve, and say how the mount went
+        os.close(rfd)
+        _detach(log_file)
+        code = 0
+        try:
+            trio.run(serve, request, lambda: _say(wfd, "ready"))
+        except BaseException as e:  # reported to the parent, whatever it is
+            log.error("%s", _message(e))
+            _say(wfd, f"error\t{_message(e)}")
+            code = 1
+        os._exit(code)
+    os.close(wfd)
+    with os.fdopen(rfd, "r") as pipe:
+        reply = pipe.readline().rstrip("\n")
+    if reply == "ready":
+        return
+    if reply.startswith("error\t"):
+        raise CafuseError(reply.partition("\t")[2])
+    os.waitpid(pid, 0)
+    raise CafuseError("the mount process ended before the mount was ready")
+
+
+def _detach(log_file):
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    if log_file:
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 2)
+    else:
+        os.dup2(null, 2)
+
+
+def _say(fd, text):
+    try:
+        os.write(fd, (text + "\n").encode())
+    except OSError:
+        pass
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, BaseExceptionGroup):
+        found = first_error(error)
+        if found is not None:
+            return str(found)
+    if isinstance(error, OSError):
+        return f"{error.filename + ': ' if error.filename else ''}{error.strerror or error}"
+    return str(error) or type(error).__name__
+
+
+def unmount(mountpoint: str) -> None:
+    if not mounted(mountpoint):
+        raise UsageError(f"{mountpoint}: not mounted")
+    done = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True,
+                          timeout=60)
+    if done.returncode:
+        raise CafuseError(f"{mountpoint}: cannot unmount: "
+                          f"{done.stderr.strip() or os.strerror(errno.EBUSY)}")

@@ -1,0 +1,44 @@
+"""Integration fixtures: the tests/ fixtures, plus FUSE mounts that are
+always taken down, even when a test fails."""
+
+import os
+import subprocess
+from contextlib import contextmanager
+
+import pytest
+
+from command import CAFUSE
+from casync_fixtures import require
+
+
+def is_mounted(path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def teardown_mount(path):
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, timeout=30)
+    if is_mounted(path):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+@contextmanager
+def mounted(index, mountpoint, *args):
+    """``cafuse mount --background``; unmounted afterwards whatever happens."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([CAFUSE, "mount", "--background", *map(str, args), str(index),
+                           str(mountpoint)], capture_output=True, text=True, timeout=120)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert is_mounted(mountpoint)
+        yield mountpoint
+    finally:
+        teardown_mount(mountpoint)
+
+
+@pytest.fixture(scope="session")
+def fuse_ready():
+    require(os.geteuid() == 0, "mount tests need root")
+    require(os.path.exists("/dev/fuse"), "mount tests need /dev/fuse")

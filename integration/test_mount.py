@@ -1,0 +1,210 @@
+"""Real FUSE mounts of casync archives, compared with casync and the source."""
+
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import oracle
+from command import CAFUSE
+from conftest import is_mounted, mounted, teardown_mount
+from servers import FaultServer
+from touch import sh, walk
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+
+pytestmark = pytest.mark.usefixtures("fuse_ready")
+
+
+@pytest.fixture(scope="module")
+def full(casync_archive):
+    return casync_archive("full")
+
+
+def comparable(info: dict) -> dict:
+    """What a mount must reproduce exactly (casync extract's view)."""
+    out = dict(info)
+    out.pop("chattr", None)
+    return out
+
+
+def test_tree_mount_matches_casync_extract(full, tmp_path):
+    oracle.extract(full.index, full.store, tmp_path / "extracted")
+    expected = {p: comparable(i) for p, i in walk(tmp_path / "extracted", TESTS).items()}
+    with mounted(full.index, tmp_path / "mnt", "--no-cache", "-s", full.store) as mnt:
+        got = {p: comparable(i) for p, i in walk(mnt, TESTS).items()}
+    assert set(got) == set(expected)
+    for path, info in expected.items():
+        assert got[path] == info, path
+
+
+def test_acls_and_capabilities_seen_by_tools(full, tmp_path):
+    with mounted(full.index, tmp_path / "mnt", "--no-cache", "-s", full.store) as mnt:
+        acl = sh("getfacl", "-n", mnt / "acl.txt").stdout.decode()
+        assert "user:65534:r--" in acl and "group:65534:rw-" in acl
+        default = sh("getfacl", "-n", "-d", mnt / "dacl").stdout.decode()
+        assert "user:65534:r-x" in default and "group:65534:r--" in default
+        assert "cap_net_raw=ep" in sh("getcap", mnt / "cap").stdout.decode()
+
+
+def test_edge_tree_matches_the_source(casync_archive, tmp_path):
+    made = casync_archive("edge")
+    with mounted(made.index, tmp_path / "mnt", "--no-cache", "-s", made.store) as mnt:
+        got = walk(mnt, TESTS)
+    expected = walk(made.tree, TESTS)
+    assert {p: comparable(i) for p, i in got.items()} == \
+        {p: comparable(i) for p, i in expected.items()}
+
+
+def test_blob_mount_is_the_blob(casync_archive, tmp_path):
+    made = casync_archive("blob5m", chunk_size="16K")
+    with mounted(made.index, tmp_path / "mnt", "--no-cache", "-s", made.store) as mnt:
+        assert sorted(os.listdir(mnt)) == ["blob5m"]
+        st = os.stat(mnt / "blob5m")
+        assert st.st_size == made.tree.stat().st_size and stat.S_IMODE(st.st_mode) == 0o444
+        sh("cmp", mnt / "blob5m", made.tree)
+        done = sh("sh", "-c", f"echo x > {mnt / 'blob5m'}", check=False)
+        assert done.returncode != 0
+
+
+IMAGE_MAKERS = {
+    "ext4": lambda src, img: sh("mkfs.ext4", "-q", "-F", "-d", src, img, "8M"),
+    "squashfs": lambda src, img: sh("mksquashfs", src, img, "-quiet", "-noappend"),
+    "erofs": lambda src, img: sh("mkfs.erofs", img, src),
+}
+
+
+@pytest.mark.parametrize("fstype", sorted(IMAGE_MAKERS))
+def test_loop_mount_of_a_blob_image(fstype, tmp_path):
+    src = tmp_path / "src"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "os-release").write_text("NAME=cafuse-test\n")
+    (src / "data.bin").write_bytes(os.urandom(2 << 20))
+    img = tmp_path / f"image.{fstype}"
+    IMAGE_MAKERS[fstype](src, img)
+    index = tmp_path / "image.caibx"
+    store = tmp_path / "store"
+    sh("casync", "make", f"--store={store}", index, img)
+    with mounted(index, tmp_path / "mnt", "--no-cache", "-s", store) as mnt:
+        loop = sh("losetup", "-r", "-f", "--show", mnt / "image").stdout.decode().strip()
+        inner = tmp_path / "inner"
+        inner.mkdir()
+        try:
+            sh("mount", "-o", "ro", "-t", fstype, loop, inner)
+            try:
+                assert (inner / "etc" / "os-release").read_text() == "NAME=cafuse-test\n"
+                sh("cmp", inner / "data.bin", src / "data.bin")
+            finally:
+                sh("umount", inner)
+        finally:
+            sh("losetup", "-d", loop)
+
+
+def test_background_errors_leave_nothing_mounted(full, tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    junk = tmp_path / "junk.caidx"
+    junk.write_bytes(b"not an index" * 20)
+    cases = [
+        ([junk, mnt], "not a casync index"),
+        ([full.index, tmp_path / "missing"], "not an existing directory"),
+        (["-s", tmp_path / "nostore", full.index, mnt], "chunk store not found"),
+    ]
+    for args, message in cases:
+        done = subprocess.run([CAFUSE, "mount", "--background", "--no-cache",
+                               *map(str, args)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and message in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert not is_mounted(mnt)
+
+
+def test_busy_mountpoint(full, tmp_path):
+    with mounted(full.index, tmp_path / "mnt", "--no-cache", "-s", full.store) as mnt:
+        done = subprocess.run([CAFUSE, "mount", "--background", str(full.index), str(mnt)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and "already mounted" in done.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly(full, tmp_path, signum):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([CAFUSE, "mount", "--no-cache", "-s", str(full.store),
+                             str(full.index), str(mnt)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mnt):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        assert not is_mounted(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        teardown_mount(mnt)
+
+
+def test_store_outage_gives_eio_then_recovers(casync_archive, tmp_path):
+    made = casync_archive("full")
+    down = {"on": False}
+    with FaultServer(made.store, lambda path, n: "503" if down["on"] else None) as server:
+        with mounted(made.index, tmp_path / "mnt", "--no-cache", "-s", server.url,
+                     "--timeout", "0.5", "--retries", "0", "--deadline", "3") as mnt:
+            assert sh("cat", mnt / "hello.txt").stdout == b"hello casync\n"
+            down["on"] = True
+            start = time.monotonic()
+            failed = sh("cat", mnt / "random.bin", check=False, timeout=30)
+            assert failed.returncode != 0 and b"Input/output error" in failed.stderr
+            assert time.monotonic() - start < 15
+            assert sh("cat", mnt / "hello.txt").stdout == b"hello casync\n"  # cached
+            down["on"] = False
+            time.sleep(5.5)  # the store's set-aside period ends
+            assert sh("cat", mnt / "random.bin").stdout == (made.tree / "random.bin").read_bytes()
+
+
+def test_listing_the_root_fetches_few_chunks(casync_archive, tmp_path):
+    made = casync_archive("full", chunk_size="4K")
+    chunks = (made.index.stat().st_size - 104) // 40
+    with FaultServer(made.store) as server:
+        with mounted(made.index, tmp_path / "mnt", "--no-cache", "-s", server.url) as mnt:
+            names = sh("ls", mnt).stdout.decode().split()
+            assert "random.bin" in names
+            assert server.total() < chunks // 4, (server.total(), chunks)
+
+
+def test_overlay_chroot_on_a_lazy_root(tmp_path):
+    busybox = Path("/bin/busybox")
+    assert busybox.exists()
+    root = tmp_path / "rootfs"
+    (root / "bin").mkdir(parents=True)
+    (root / "etc").mkdir()
+    sh("cp", busybox, root / "bin" / "busybox")
+    for applet in ("sh", "echo", "cat", "ls"):
+        os.symlink("busybox", root / "bin" / applet)
+    (root / "etc" / "motd").write_text("hello from a lazy root\n")
+    index, store = tmp_path / "root.caidx", tmp_path / "store"
+    sh("casync", "make", f"--store={store}", index, root)
+    lower, ov, merged = tmp_path / "lower", tmp_path / "ov", tmp_path / "merged"
+    ov.mkdir()
+    merged.mkdir()
+    with mounted(index, lower, "--no-cache", "-s", store):
+        sh("mount", "-t", "tmpfs", "tmpfs", ov)  # the upper layer, as a runtime would
+        try:
+            (ov / "upper").mkdir()
+            (ov / "work").mkdir()
+            sh("mount", "-t", "overlay", "overlay", "-o",
+               f"lowerdir={lower},upperdir={ov / 'upper'},workdir={ov / 'work'}", merged)
+            try:
+                out = sh("chroot", merged, "/bin/sh", "-c",
+                         "cat /etc/motd && echo written > /etc/new && cat /etc/new").stdout
+                assert out == b"hello from a lazy root\nwritten\n"
+                assert (ov / "upper" / "etc" / "new").read_text() == "written\n"
+            finally:
+                sh("umount", merged)
+        finally:
+            sh("umount", ov)
