@@ -35,23 +35,54 @@ class MountRequest:
     fuse_options: list[str]
 
 
-def mounted(mountpoint: str) -> bool:
-    """Whether ``mountpoint`` is a mount point now (without touching it, so
-    a hung FUSE daemon cannot hang the check)."""
-    target = os.path.realpath(mountpoint)
+READ_AHEAD_KB = 1024
+
+
+def _device_of(mountpoint: str) -> str | None:
+    """The "major:minor" of the mount at ``mountpoint``, from mountinfo, so
+    that a hung FUSE daemon (or our own, before it serves) is never touched."""
+    target, device = _canonical(mountpoint), None
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point == target:
-                return True
-    return False
+            fields = line.split()
+            if fields[4].encode().decode("unicode_escape") == target:
+                device = fields[2]  # the last one: the mount on top
+    return device
+
+
+def _canonical(path: str) -> str:
+    """``path`` as mountinfo spells it.  Only the parent is resolved: a
+    stat of the mount point itself would reach the FUSE daemon, which may
+    be hung, or be this very process before it serves."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def mounted(mountpoint: str) -> bool:
+    """Whether ``mountpoint`` is a mount point now."""
+    return _device_of(mountpoint) is not None
+
+
+async def raise_read_ahead(mountpoint: str) -> None:
+    """Let the kernel read ahead 1 MiB instead of 128 KiB: sequential reads
+    then reach us as 1 MiB requests (about 2x the throughput).  Needs root;
+    without it the default stays.  The kernel sets the read-ahead when it
+    processes the FUSE INIT reply, so this waits until that is done."""
+    await trio.sleep(0.5)
+    device = _device_of(mountpoint)
+    try:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+            f.write(str(READ_AHEAD_KB))
+    except OSError as e:
+        log.info("read-ahead of %s stays at the default: %s", mountpoint, e.strerror)
 
 
 def check_mountpoint(mountpoint: str) -> None:
-    if not os.path.isdir(mountpoint):
-        raise UsageError(f"{mountpoint}: mount point is not an existing directory")
+    # mountinfo first: isdir on a hung mount would hang.
     if mounted(mountpoint):
         raise UsageError(f"{mountpoint}: something is already mounted there")
+    if not os.path.isdir(mountpoint):
+        raise UsageError(f"{mountpoint}: mount point is not an existing directory")
 
 
 async def build_fs(inp: Input):
@@ -90,6 +121,7 @@ async def serve(request: MountRequest, ready) -> None:
                 fs.nursery = nursery
                 nursery.start_soon(inp.source.engine.maintain)
                 nursery.start_soon(_stop_on_signal)
+                nursery.start_soon(raise_read_ahead, request.mountpoint)
                 ready()
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()

@@ -77,6 +77,7 @@ class _Base(pyfuse3.Operations):
         """Read ``[start+offset, ...)`` of the stream for handle ``fh`` and
         widen a readahead window while the reader goes sequentially."""
         size = max(0, min(size, end - start - offset))
+        log.debug("read fh %d: %d bytes at %d", fh, size, offset)
         with _errors_as_eio(f"read of bytes {start + offset}..{start + offset + size}"):
             data = await self.stream.read(start + offset, size)
         expected, window = self._sequential.get(fh, (None, 1))
