@@ -41,6 +41,7 @@ demo: setup
 bench: setup
 	$(VENV)/bin/python integration/bench_cat.py $(BENCH_ARGS)
 	$(VENV)/bin/python integration/bench_prefetch.py $(BENCH_ARGS)
+	$(VENV)/bin/python integration/bench_mount.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis

@@ -111,6 +111,18 @@ class DiskCache:
         self._touch(pack)
         return data
 
+    def present(self, chunk_ids: list[bytes]) -> set[bytes]:
+        """Which of ``chunk_ids`` the cache lists: one query for a batch, so
+        a cold cache costs one lookup per batch, not one per chunk."""
+        found = {cid for cid in chunk_ids if cid in self._pending}
+        with self._lock:
+            for k in range(0, len(chunk_ids), 500):  # SQLite's variable limit
+                part = chunk_ids[k:k + 500]
+                marks = ",".join("?" * len(part))
+                found.update(row[0] for row in self._query(
+                    f"SELECT id FROM chunk WHERE id IN ({marks})", part))
+        return found
+
     def put(self, chunk_id: bytes, data: bytes) -> None:
         """Store a verified chunk; raises DiskFull when there is no room.
 

@@ -10,11 +10,14 @@ from collections.abc import Callable
 
 import trio
 
-from .engine import ChunkEngine
+from .engine import CORES, ChunkEngine
 from .errors import CafuseError, single_errors
 from .index import Index
 
-_BATCH_BYTES = 1 << 20
+_BATCH_BYTES = 2 << 20
+# Runs in flight for bulk reads: one per core keeps both busy; more only
+# adds contention (measured by integration/bench_cat.py).
+_AHEAD = CORES
 
 
 class IndexStream:
@@ -38,10 +41,10 @@ class IndexStream:
         return data[start:start + size]
 
     async def copy(self, offset: int, size: int, write: Callable[[bytes], object],
-                   ahead: int = 4) -> None:
+                   ahead: int = _AHEAD) -> None:
         """Pass bytes ``[offset, offset+size)`` to ``write`` in order.
 
-        Chunks are asked for in runs of about 1 MiB (the engine serves a run
+        Chunks are asked for in runs of about 2 MiB (the engine serves a run
         with one worker-thread hop, which costs about as much as decoding a
         small chunk), with up to ``ahead`` runs in flight.  The chunks are
         kept out of the memory cache, which a bulk read would only flush.

@@ -17,7 +17,7 @@ pid {work}/nginx.pid;
 error_log {work}/error.log warn;
 events {{ worker_connections 512; }}
 http {{
-    access_log off;
+    access_log {access_log};
     client_body_temp_path {work}/body;
     proxy_temp_path {work}/proxy;
     fastcgi_temp_path {work}/fastcgi;
@@ -55,8 +55,10 @@ class Nginx:
     """nginx serving ``root`` at ``self.url``; a context manager.  With
     ``tls=(cert, key)`` it serves HTTPS."""
 
-    def __init__(self, root: Path, work: Path, tls: tuple[Path, Path] | None = None):
+    def __init__(self, root: Path, work: Path, tls: tuple[Path, Path] | None = None,
+                 log_requests: bool = False):
         self.root, self.work, self.tls = root, work, tls
+        self.access_log = work / "access.log" if log_requests else None
         self.port = free_port()
         self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
 
@@ -66,7 +68,8 @@ class Nginx:
         certs = (f"ssl_certificate {self.tls[0]}; ssl_certificate_key {self.tls[1]};"
                  if self.tls else "")
         conf.write_text(NGINX_CONF.format(work=self.work, port=self.port, root=self.root,
-                                          ssl=" ssl" if self.tls else "", certs=certs))
+                                          ssl=" ssl" if self.tls else "", certs=certs,
+                                          access_log=self.access_log or "off"))
         self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(self.work),
                                       "-e", str(self.work / "error.log")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -76,6 +79,10 @@ class Nginx:
             self.proc.kill()
             raise RuntimeError(f"nginx did not start: {self.proc.stderr.read().decode()}")
         return self
+
+    def chunk_requests(self) -> int:
+        """Chunk GETs so far (needs ``log_requests``)."""
+        return sum(".cacnk" in line for line in self.access_log.read_text().splitlines())
 
     def __exit__(self, *exc):
         self.proc.terminate()

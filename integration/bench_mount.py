@@ -1,0 +1,257 @@
+"""Benchmark: cafuse mount against casync mount over the same nginx.
+
+    python integration/bench_mount.py [--workdir DIR] [--write]
+
+Needs root (FUSE, chroot, overlay, loop devices) and debootstrap: a Debian
+bookworm minbase root file system (with python3-minimal) is built once in
+the workdir, archived with casync (.caidx of the tree, .caibx of an ext4
+image of it) and served by nginx on 127.0.0.1.  Measured, for both mounts
+where both can do it:
+
+- cold `tar -cf - .` of the mounted tree (an empty disk cache), then warm
+  in the same mount, then (cafuse) after a remount with a warm disk cache;
+- `chroot … python3 -c 'print(1)'` in an overlay on a cold mount: time
+  and chunks fetched;
+- reading /etc/os-release from the ext4 image loop-mounted off a cold
+  .caibx mount: chunks fetched (cafuse; casync mount takes no .caibx);
+- `ls -l` of a 10,000-entry directory, warm;
+- the cafuse mount's peak RSS.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from bench_cat import REPO, cafuse_cmd, machine  # noqa: E402
+from servers import Nginx  # noqa: E402
+
+TIMEOUT = 1800
+
+
+def sh(*cmd, **kwargs):
+    return subprocess.run([str(c) for c in cmd], check=True, timeout=TIMEOUT,
+                          capture_output=True, **kwargs)
+
+
+def is_mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+def build(work: Path) -> Path:
+    """www/ with root.caidx, img.caibx, big.caidx and their stores."""
+    www = work / "www"
+    if (www / "done").exists():
+        return www
+    root = work / "minbase"
+    if not root.exists():
+        sh("debootstrap", "--variant=minbase", "--include=python3-minimal", "bookworm",
+           root, "http://deb.debian.org/debian")
+    for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        shutil.rmtree(root / junk, ignore_errors=True)
+    www.mkdir(parents=True, exist_ok=True)
+    sh("casync", "make", f"--store={www / 'store'}", www / "root.caidx", root)
+    image = work / "root.ext4"
+    sh("mkfs.ext4", "-q", "-F", "-d", root, image, "400M")
+    sh("casync", "make", f"--store={www / 'store'}", www / "img.caibx", image)
+    big = work / "bigdir"
+    (big / "big").mkdir(parents=True, exist_ok=True)
+    for i in range(10_000):
+        (big / "big" / f"file{i:05d}").write_bytes(b"%d\n" % i)
+    sh("casync", "make", f"--store={www / 'store'}", www / "big.caidx", big)
+    (www / "done").touch()
+    return www
+
+
+@contextmanager
+def mount(kind: str, url: str, store: str, mnt: Path, cache: Path | None):
+    """A cafuse or casync mount, taken down afterwards; yields its pid."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    if kind == "cafuse":
+        cache_args = ["--cache-dir", str(cache)] if cache else ["--no-cache"]
+        cmd = cafuse_cmd() + ["mount", *cache_args, "-s", store, url, str(mnt)]
+    else:
+        cmd = ["casync", f"--store={store}", "mount", url, str(mnt)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not is_mounted(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{kind} mount did not come up")
+            time.sleep(0.02)
+        yield proc.pid
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=60)
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=60)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def drop_caches():
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def tar_rate(mnt: Path) -> tuple[float, int]:
+    """MB/s of `tar -cf - .` and the bytes tar wrote."""
+    start = time.perf_counter()
+    done = subprocess.run(f"tar -C {mnt} -cf - . | wc -c", shell=True, check=True,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    size = int(done.stdout)
+    return size / (time.perf_counter() - start) / 1e6, size
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_tar(nginx, kind, work) -> dict:
+    url, store = f"{nginx.url}/root.caidx", f"{nginx.url}/store"
+    cache = work / f"cache-{kind}"
+    shutil.rmtree(cache, ignore_errors=True)
+    out = {}
+    drop_caches()
+    with mount(kind, url, store, work / f"mnt-{kind}", cache if kind == "cafuse" else None) \
+            as pid:
+        out["cold"], out["tar_bytes"] = tar_rate(work / f"mnt-{kind}")
+        out["warm"], _ = tar_rate(work / f"mnt-{kind}")
+        if kind == "cafuse":
+            out["rss"] = peak_rss_mb(pid)
+    if kind == "cafuse":
+        drop_caches()
+        with mount(kind, url, store, work / f"mnt-{kind}", cache):
+            out["remount"], _ = tar_rate(work / f"mnt-{kind}")
+    return out
+
+
+def bench_python(nginx, kind, work) -> dict:
+    url, store = f"{nginx.url}/root.caidx", f"{nginx.url}/store"
+    mnt, ov, merged = work / f"py-{kind}", work / f"ov-{kind}", work / f"merged-{kind}"
+    for d in (ov, merged):
+        d.mkdir(parents=True, exist_ok=True)
+    drop_caches()
+    before = nginx.chunk_requests()
+    with mount(kind, url, store, mnt, None):
+        sh("mount", "-t", "tmpfs", "tmpfs", ov)
+        try:
+            (ov / "upper").mkdir()
+            (ov / "work").mkdir()
+            sh("mount", "-t", "overlay", "overlay", "-o",
+               f"lowerdir={mnt},upperdir={ov / 'upper'},workdir={ov / 'work'}", merged)
+            try:
+                start = time.perf_counter()
+                out = sh("chroot", merged, "/usr/bin/python3", "-c", "print(1)").stdout
+                elapsed = time.perf_counter() - start
+                assert out == b"1\n"
+            finally:
+                sh("umount", merged)
+        finally:
+            sh("umount", ov)
+    return {"seconds": elapsed, "chunks": nginx.chunk_requests() - before}
+
+
+def bench_loop(nginx, work, total_chunks) -> dict:
+    mnt, inner = work / "blob", work / "inner"
+    inner.mkdir(exist_ok=True)
+    drop_caches()
+    before = nginx.chunk_requests()
+    with mount("cafuse", f"{nginx.url}/img.caibx", f"{nginx.url}/store", mnt, None):
+        loop = sh("losetup", "-r", "-f", "--show", mnt / "img").stdout.decode().strip()
+        try:
+            sh("mount", "-o", "ro", "-t", "ext4", loop, inner)
+            try:
+                text = (inner / "etc" / "os-release").read_text()
+                assert "bookworm" in text
+            finally:
+                sh("umount", inner)
+        finally:
+            sh("losetup", "-d", loop)
+    fetched = nginx.chunk_requests() - before
+    return {"chunks": fetched, "share": fetched / total_chunks}
+
+
+def bench_ls(nginx, kind, work) -> float:
+    mnt = work / f"ls-{kind}"
+    with mount(kind, f"{nginx.url}/big.caidx", f"{nginx.url}/store", mnt, None):
+        sh("ls", "-l", mnt / "big")  # cold: fills the kernel's caches
+        start = time.perf_counter()
+        sh("ls", "-l", mnt / "big")
+        return time.perf_counter() - start
+
+
+def index_chunks(path: Path) -> int:
+    return (path.stat().st_size - 104) // 40
+
+
+def report(r: dict, www: Path) -> str:
+    c, k = r["tar"]["cafuse"], r["tar"]["casync"]
+    py_c, py_k = r["python"]["cafuse"], r["python"]["casync"]
+    lines = [
+        f"## mount against casync mount — {datetime.now(timezone.utc):%Y-%m-%d}", "",
+        f"Machine: {machine()}. Debian bookworm minbase root file system with "
+        f"python3-minimal ({c['tar_bytes'] / 1e6:.0f} MB as tar, "
+        f"{index_chunks(www / 'root.caidx')} chunks), served by nginx on 127.0.0.1; "
+        "page cache dropped before each cold run. Command: "
+        "`python integration/bench_mount.py` (part of `make bench`, as root).", "",
+        "| measure | cafuse mount | casync mount | ratio |", "| --- | --- | --- | --- |",
+        f"| cold `tar -cf - .` MB/s | {c['cold']:.0f} | {k['cold']:.0f} | "
+        f"**{c['cold'] / k['cold']:.1f}×** |",
+        f"| warm re-read in the same mount, MB/s | {c['warm']:.0f} | {k['warm']:.0f} | "
+        f"{c['warm'] / k['warm']:.1f}× |",
+        f"| remount with a warm disk cache, MB/s | {c['remount']:.0f} | (no cache) | |",
+        f"| chroot overlay `python3 -c 'print(1)'`, cold, s | {py_c['seconds']:.2f} | "
+        f"{py_k['seconds']:.2f} | {py_c['seconds'] / py_k['seconds']:.2f}× the time |",
+        f"| chunks fetched for it | {py_c['chunks']} | {py_k['chunks']} | |",
+        f"| `ls -l` of 10,000 entries, warm, s | {r['ls']['cafuse']:.3f} | "
+        f"{r['ls']['casync']:.3f} | |",
+        f"| peak RSS of the mount process, MB | {c['rss']:.0f} | | |", "",
+        f"Loop-mounted ext4 image of the same tree from a cold .caibx mount: reading "
+        f"/etc/os-release fetched {r['loop']['chunks']} of "
+        f"{index_chunks(www / 'img.caibx')} chunks ({r['loop']['share']:.1%}).", ""]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/cafuse-bench-mount"))
+    parser.add_argument("--write", action="store_true",
+                        help="append the results to docs/benchmarks.md")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench_mount.py needs root (FUSE, chroot, overlay, loop devices)")
+    www = build(args.workdir)
+    with Nginx(www, Path(tempfile.mkdtemp(prefix="nginx-")), log_requests=True) as nginx:
+        results = {
+            "tar": {kind: bench_tar(nginx, kind, args.workdir) for kind in ("cafuse", "casync")},
+            "python": {kind: bench_python(nginx, kind, args.workdir)
+                       for kind in ("cafuse", "casync")},
+            "loop": bench_loop(nginx, args.workdir, index_chunks(www / "img.caibx")),
+            "ls": {kind: bench_ls(nginx, kind, args.workdir) for kind in ("cafuse", "casync")},
+        }
+    text = report(results, www)
+    print(text)
+    if args.write:
+        with open(REPO / "docs" / "benchmarks.md", "a") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
