@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config casync nginx-light e2fsprogs \
-	squashfs-tools erofs-utils acl attr libcap2-bin busybox-static xxd
+	squashfs-tools erofs-utils acl attr libcap2-bin busybox-static xxd openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-packages test demo bench clean

@@ -17,6 +17,7 @@ import os
 import stat
 from contextlib import contextmanager
 
+import cachetools
 import pyfuse3
 import trio
 
@@ -32,6 +33,7 @@ TIMEOUT = 24 * 3600.0        # entry and attribute timeouts: the archive never c
 SMALL_FILE = 1 << 20         # opening a file up to this size fetches all of it
 READAHEAD_MAX = 32           # chunks ahead of a sequential reader, at most
 PREFETCH_TASKS = 4           # background prefetches at once; more are dropped
+LISTED_ENTRIES = 100_000     # directory entries kept decoded for readdir
 
 
 @contextmanager
@@ -183,6 +185,9 @@ class TreeFS(_Base):
         self._lookups: dict[int, int] = {}
         self._handles: dict[int, Entry] = {}
         self._listings: dict[int, list[Entry]] = {}  # dir fh -> children
+        # Listings of recently opened directories, bounded by entry count, so
+        # that walking the tree again does not decode every record again.
+        self._dirs = cachetools.LRUCache(LISTED_ENTRIES, getsizeof=len)
         self._next_fh = 1
 
     @staticmethod
@@ -234,8 +239,11 @@ class TreeFS(_Base):
         directory = self._entry(inode)
         if not directory.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        with _errors_as_eio(f"listing of directory at offset {directory.offset}"):
-            children = await self.archive.listdir(directory)
+        children = self._dirs.get(inode)
+        if children is None:
+            with _errors_as_eio(f"listing of directory at offset {directory.offset}"):
+                children = await self.archive.listdir(directory)
+            self._dirs[inode] = children
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         self._listings[fh] = children
         return fh
