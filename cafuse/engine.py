@@ -138,13 +138,7 @@ class ChunkEngine:
                 self._account(source, data, raw_size)
                 results[k] = data
         if far:
-            async def one(k, problems):
-                results[k] = await self._far_with_deadline(*wanted[k], problems)
-
-            with single_errors():
-                async with trio.open_nursery() as nursery:
-                    for k, problems in far:
-                        nursery.start_soon(one, k, problems)
+            await self._load_far(wanted, far, results)
         for ks in mine.values():
             for k in ks[1:]:
                 results[k] = results[ks[0]]
@@ -180,50 +174,102 @@ class ChunkEngine:
             return str(state.store), data, len(found[0]), problems
         return None, None, 0, problems
 
-    async def _far_with_deadline(self, chunk_id, size, problems):
+    async def _load_far(self, wanted, far, results):
+        """Fetch from the remaining stores concurrently, and decode what has
+        arrived in one worker-thread hop per group (a hop per chunk costs
+        the event loop, which is what bounds remote fetching).  A chunk that
+        does not decode to its id is fetched again from the next store."""
+        arrived_in, arrived = trio.open_memory_channel(len(far))
+
+        async def fetch(k, problems):
+            position, found = await self._fetch_with_deadline(wanted[k][0], problems, 0)
+            arrived_in.send_nowait((k, problems, position, found))
+
+        async def decode_arrivals():
+            left = len(far)
+            while left:
+                group = [await arrived.receive()]
+                while True:
+                    try:
+                        group.append(arrived.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                left -= len(group)
+                outcomes = await trio.to_thread.run_sync(
+                    lambda: [self._decode(wanted[k], position, found)
+                             for k, _problems, position, found in group],
+                    limiter=self._limiter)
+                for (k, problems, position, found), outcome in zip(group, outcomes):
+                    if isinstance(outcome, ChunkError):
+                        outcome = await self._far_again(wanted[k], problems, position, outcome)
+                    else:
+                        self._account(str(self._far_stores[position].store), outcome,
+                                      len(found[0]))
+                    results[k] = outcome
+
+        with single_errors():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(decode_arrivals)
+                for k, problems in far:
+                    nursery.start_soon(fetch, k, problems)
+
+    async def _far_again(self, want, problems, position, error):
+        """After ``error`` from the store at ``position``: the next stores,
+        one at a time."""
+        while True:
+            store = self._far_stores[position].store
+            problems.append(f"{error} ({store})")
+            log.warning("%s (store %s)", error, store)
+            position, found = await self._fetch_with_deadline(want[0], problems, position + 1)
+            outcome = await trio.to_thread.run_sync(self._decode, want, position, found,
+                                                    limiter=self._limiter)
+            if not isinstance(outcome, ChunkError):
+                self._account(str(self._far_stores[position].store), outcome, len(found[0]))
+                return outcome
+            error = outcome
+
+    async def _fetch_with_deadline(self, chunk_id, problems, start):
         with trio.move_on_after(self.deadline):
-            return await self._far(chunk_id, size, problems)
+            return await self._fetch(chunk_id, problems, start)
         problems.append(f"not delivered within {self.deadline:g} s")
         raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems))
 
-    async def _far(self, chunk_id, size, problems):
-        for state in self._far_stores:
+    async def _fetch(self, chunk_id, problems, start):
+        """(store position, (raw bytes, compressed)) from the first of the
+        remaining stores, from ``start`` on, that has the chunk."""
+        for position in range(start, len(self._far_stores)):
+            state = self._far_stores[position]
             if not state.available():
                 problems.append(f"{state.store} set aside after errors")
                 continue
             try:
-                data, raw_size = await self._from_store(state.store, chunk_id, size)
-            except ChunkError as e:
-                problems.append(f"{e} ({state.store})")
-                log.warning("%s (store %s)", e, state.store)
-                continue
+                if state.store.blocking:
+                    found = await trio.to_thread.run_sync(state.store.load, chunk_id,
+                                                          limiter=self._limiter)
+                else:
+                    found = await state.store.fetch(chunk_id)
             except CafuseError as e:
                 self._set_aside(state, e)
                 problems.append(str(e))
                 continue
-            if data is None:
+            if found is None:
                 problems.append(f"missing from {state.store}")
                 continue
-            self._account(str(state.store), data, raw_size)
-            return data
+            return position, found
         raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems or ["no stores"]))
 
-    async def _from_store(self, store, chunk_id, size):
-        if store.blocking:
-            found = await trio.to_thread.run_sync(store.load, chunk_id,
-                                                  limiter=self._limiter)
-        else:
-            found = await store.fetch(chunk_id)
-        if found is None:
-            return None, 0
-
-        def decode_and_keep():
+    def _decode(self, want, position, found):
+        """Decode and verify a fetched chunk (blocking, in a thread); the
+        ChunkError is returned, not raised, so one bad chunk of a batch does
+        not lose the others."""
+        chunk_id, size = want
+        try:
             data = chunk.decode(*found, chunk_id, size, self.digest)
-            if not store.blocking:  # local stores are close enough already
-                self._put_disk(chunk_id, data)
-            return data
-        return await trio.to_thread.run_sync(decode_and_keep, limiter=self._limiter), \
-            len(found[0])
+        except ChunkError as e:
+            return e
+        if not self._far_stores[position].store.blocking:  # local ones are close enough
+            self._put_disk(chunk_id, data)
+        return data
 
     def _put_disk(self, chunk_id, data):
         self._disk_call("put", chunk_id, data)
