@@ -275,7 +275,10 @@ class TreeFS(_Base):
             raise pyfuse3.FUSEError(errno.EISDIR if entry.is_dir else errno.EINVAL)
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         self._handles[fh] = entry
-        if 0 < entry.size <= SMALL_FILE:
+        if 0 < entry.size <= SMALL_FILE and len(self.stream.index.span(entry.payload,
+                                                                      entry.size)) > 1:
+            # All of a small file at once; within one chunk, the first read
+            # fetches it as fast.
             self.prefetch(entry.payload, entry.size)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
