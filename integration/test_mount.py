@@ -1,9 +1,11 @@
 """Real FUSE mounts of casync archives, compared with casync and the source."""
 
 import os
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -208,3 +210,42 @@ def test_overlay_chroot_on_a_lazy_root(tmp_path):
                 sh("umount", merged)
         finally:
             sh("umount", ov)
+
+
+def as_nobody(*cmd):
+    return sh("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd,
+              check=False)
+
+
+@pytest.fixture
+def public_dir():
+    """A directory other users can traverse (pytest's tmp_path is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="cafuse-other-"))
+    os.chmod(path, 0o755)
+    yield path
+    for mnt in path.iterdir():
+        teardown_mount(mnt)
+    shutil.rmtree(path)
+
+
+def test_other_users_see_what_modes_and_acls_allow(tmp_path, public_dir):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    os.chmod(tree, 0o755)
+    (tree / "public").write_text("public\n")
+    os.chmod(tree / "public", 0o644)
+    (tree / "secret").write_text("secret\n")
+    os.chmod(tree / "secret", 0o600)
+    (tree / "shared").write_text("shared\n")
+    os.chmod(tree / "shared", 0o640)
+    sh("setfacl", "-m", "u:nobody:r--", tree / "shared")  # readable only through the ACL
+    index, store = tmp_path / "t.caidx", tmp_path / "store"
+    sh("casync", "make", f"--store={store}", index, tree)
+    with mounted(index, public_dir / "mine", "--no-cache", "-s", store) as mnt:
+        assert as_nobody("cat", mnt / "public").returncode != 0  # FUSE's default
+    with mounted(index, public_dir / "all", "--no-cache", "-s", store, "-o",
+                 "allow_other") as mnt:
+        assert as_nobody("cat", mnt / "public").stdout == b"public\n"
+        assert as_nobody("cat", mnt / "shared").stdout == b"shared\n"
+        denied = as_nobody("cat", mnt / "secret")
+        assert denied.returncode != 0 and b"Permission denied" in denied.stderr
