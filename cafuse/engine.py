@@ -105,9 +105,9 @@ class ChunkEngine:
                 if self.disk is not None and self.disk.flush_due():
                     await trio.to_thread.run_sync(self._disk_call, "flush",
                                                   limiter=self._limiter)
-                if remember and self._memory is not None:
+                if remember:
                     for cid, ks in mine.items():
-                        self._memory[cid] = results[ks[0]]
+                        self._remember(cid, results[ks[0]])
         finally:
             if remember:
                 for cid in mine:
@@ -142,6 +142,11 @@ class ChunkEngine:
         for ks in mine.values():
             for k in ks[1:]:
                 results[k] = results[ks[0]]
+
+    def _remember(self, chunk_id, data):
+        # A chunk may be up to 128 MiB; one that would crowd the LRU is not kept.
+        if self._memory is not None and len(data) <= self._memory.maxsize // 4:
+            self._memory[chunk_id] = data
 
     def _from_memory(self, chunk_id):
         data = self._memory.get(chunk_id) if self._memory is not None else None

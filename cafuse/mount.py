@@ -131,6 +131,7 @@ class BlobFS(_Base):
     def __init__(self, stream: IndexStream, name: str, mtime_ns: int):
         super().__init__(stream, mtime_ns)
         self.name = os.fsencode(name)
+        self._next_fh = 1
 
     async def getattr(self, inode, ctx=None):
         if inode == pyfuse3.ROOT_INODE:
@@ -158,7 +159,9 @@ class BlobFS(_Base):
             raise pyfuse3.FUSEError(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise pyfuse3.FUSEError(errno.EROFS)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        # A handle per open, so that each reader has its own readahead window.
+        fh, self._next_fh = self._next_fh, self._next_fh + 1
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh, off, size):
         return await self.read_range(fh, 0, off, size, self.stream.size)
