@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config casync nginx-light e2fsprogs \
+APT_PACKAGES := fuse3 casync nginx-light e2fsprogs \
 	squashfs-tools erofs-utils acl attr libcap2-bin busybox-static xxd openssl
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -26,7 +26,7 @@ system-packages:
 			apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-# pyfuse3 builds against libfuse3-dev: system packages first, also under -j.
+# System packages first, also under -j.
 $(STAMP): pyproject.toml | system-packages
 	@[ -x $(VENV)/bin/python ] || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test]'

@@ -15,13 +15,13 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-import pyfuse3
 import trio
 
 from .archive import Archive
+from . import fusesession
 from .errors import CafuseError, UsageError, first_error
 from .inputs import Input, Options, open_input
-from .mount import BlobFS, TreeFS
+from .mount import INIT_FLAGS, BlobFS, TreeFS
 from .store import is_url
 
 log = logging.getLogger("cafuse")
@@ -63,12 +63,13 @@ def mounted(mountpoint: str) -> bool:
     return _device_of(mountpoint) is not None
 
 
-async def raise_read_ahead(mountpoint: str) -> None:
+async def raise_read_ahead(mountpoint: str, session: fusesession.Session) -> None:
     """Let the kernel read ahead 1 MiB instead of 128 KiB: sequential reads
     then reach us as 1 MiB requests (about 2x the throughput).  Needs root;
     without it the default stays.  The kernel sets the read-ahead when it
     processes the FUSE INIT reply, so this waits until that is done."""
-    await trio.sleep(0.5)
+    await session.initialized.wait()
+    await trio.sleep(0.1)
     device = _device_of(mountpoint)
     try:
         with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
@@ -110,32 +111,30 @@ async def serve(request: MountRequest, ready) -> None:
         raise UsageError(f"{request.index}: mount takes a .caidx or .caibx index")
     try:
         fs = await build_fs(inp)
-        options = {"ro", "default_permissions", "subtype=cafuse",
-                   f"fsname={request.index}", *request.fuse_options}
+        options = ["ro", "default_permissions", "subtype=cafuse",
+                   f"fsname={request.index}", *request.fuse_options]
+        mount = fusesession.Mount(request.mountpoint, options)
         try:
-            pyfuse3.init(fs, request.mountpoint, options)
-        except RuntimeError as e:
-            raise CafuseError(f"{request.mountpoint}: cannot mount: {e}") from None
-        try:
+            session = fusesession.Session(mount.fd, fs.handlers(), INIT_FLAGS)
             async with trio.open_nursery() as nursery:
                 fs.nursery = nursery
                 nursery.start_soon(inp.source.engine.maintain)
-                nursery.start_soon(_stop_on_signal)
-                nursery.start_soon(raise_read_ahead, request.mountpoint)
+                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                nursery.start_soon(raise_read_ahead, request.mountpoint, session)
                 ready()
-                await pyfuse3.main()
+                await session.run()
                 nursery.cancel_scope.cancel()
         finally:
-            pyfuse3.close(unmount=True)
+            mount.close()
     finally:
         await inp.aclose()
 
 
-async def _stop_on_signal():
+async def _stop_on_signal(scope: trio.CancelScope):
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+            scope.cancel()
             return
 
 

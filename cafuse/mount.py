@@ -2,13 +2,16 @@
 
 Both serve reads through the same IndexStream, so caching, prefetch and
 fault handling are the stream's and the engine's.  The archive is immutable,
-so the kernel may keep everything: long entry and attribute timeouts,
-``keep_cache`` on every open, inode numbers derived from archive offsets
-(ENTRY offset + 1; the root's is 0, which makes it ROOT_INODE) and an
-mtime that never changes.  A repeated stat or re-read never reaches Python.
+so the kernel may keep everything: long entry and attribute timeouts, cached
+negative lookups, symlinks and directory listings, page cache kept across
+opens, inode numbers derived from archive offsets (ENTRY offset + 1; the
+root's is 0, which makes it the FUSE root, 1) and an mtime that never
+changes.  A repeated stat, listing or re-read never reaches Python.
 
-Any error below (a chunk no store can deliver, malformed archive bytes)
-becomes EIO for that one request, with one log line; the mount stays up.
+Each handler takes a request and returns the reply body at once when it
+can, or a coroutine when it must read the archive (see fusesession).  Any
+error below (a chunk no store can deliver, malformed archive bytes) becomes
+EIO for that one request, with one log line; the mount stays up.
 """
 
 import errno
@@ -18,46 +21,70 @@ import stat
 from contextlib import contextmanager
 
 import cachetools
-import pyfuse3
 import trio
 
 from . import acl
+from . import fuseproto as proto
 from .archive import Archive
 from .catar import Entry
 from .errors import CafuseError
+from .fusesession import FuseError
 from .stream import IndexStream
 
 log = logging.getLogger("cafuse")
 
+ROOT = 1                     # the FUSE root node id
 TIMEOUT = 24 * 3600.0        # entry and attribute timeouts: the archive never changes
-SMALL_FILE = 1 << 20         # opening a file up to this size fetches all of it
+SMALL_FILE = 1 << 20         # reading the start of a file up to this size fetches all of it
 READAHEAD_MAX = 32           # chunks ahead of a sequential reader, at most
 PREFETCH_TASKS = 4           # background prefetches at once; more are dropped
 LISTED_ENTRIES = 100_000     # directory entries kept decoded for readdir
+READERS = 4096               # sequential-read windows remembered
+
+INIT_FLAGS = (proto.ASYNC_READ | proto.DO_READDIRPLUS | proto.PARALLEL_DIROPS
+              | proto.POSIX_ACL | proto.MAX_PAGES | proto.CACHE_SYMLINKS)
 
 
 @contextmanager
 def _errors_as_eio(what):
     try:
         yield
-    except pyfuse3.FUSEError:
-        raise
     except CafuseError as e:
         log.error("%s: %s", what, e)
-        raise pyfuse3.FUSEError(errno.EIO) from None
+        raise FuseError(errno.EIO) from None
 
 
-class _Base(pyfuse3.Operations):
-    supports_dot_lookup = False
-    enable_acl = True
-
+class _Base:
     def __init__(self, stream: IndexStream, mtime_ns: int):
-        super().__init__()
         self.stream = stream
         self.mtime_ns = mtime_ns
         self.nursery: trio.Nursery | None = None  # set by the runner
         self._prefetching = 0  # background prefetches running
-        self._sequential: dict[int, tuple[int, int]] = {}  # fh -> (next offset, window)
+        # (node, fh) -> (next offset, window) of each sequential reader
+        self._sequential = cachetools.LRUCache(READERS)
+
+    def handlers(self) -> dict:
+        """Opcode -> handler, for fusesession.Session."""
+        return {
+            proto.LOOKUP: self.lookup, proto.GETATTR: self.getattr,
+            proto.READ: self.read, proto.STATFS: self.statfs,
+            proto.READDIRPLUS: self.readdirplus, proto.READDIR: self.readdirplus,
+            proto.GETXATTR: self.getxattr, proto.LISTXATTR: self.listxattr,
+            proto.FORGET: self.forget, proto.BATCH_FORGET: self.forget,
+            proto.RELEASE: self.release, proto.OPENDIR: self.opendir,
+            proto.RELEASEDIR: self.releasedir,
+        }
+
+    def opendir(self, req):
+        """Directories are opened, unlike files, so that a dead mount's root
+        fails to open (ENOTCONN), which is what fusermount3's auto_unmount
+        checks before it unmounts; the kernel keeps their listings."""
+        if not stat.S_ISDIR(self.mode_of(req.nodeid)):
+            raise FuseError(errno.ENOTDIR)
+        return proto.open_out(0, proto.FOPEN_KEEP_CACHE | proto.FOPEN_CACHE_DIR)
+
+    def releasedir(self, req):
+        return b""
 
     def prefetch(self, offset: int, size: int) -> None:
         """Fetch the chunks of a byte range in the background, if a slot is
@@ -75,16 +102,15 @@ class _Base(pyfuse3.Operations):
         finally:
             self._prefetching -= 1
 
-    async def read_range(self, fh: int, start: int, offset: int, size: int, end: int):
-        """Read ``[start+offset, ...)`` of the stream for handle ``fh`` and
-        widen a readahead window while the reader goes sequentially."""
+    async def read_range(self, reader, start: int, offset: int, size: int, end: int):
+        """Read ``[start+offset, ...)`` of the stream for ``reader`` and
+        widen a readahead window while it goes sequentially."""
         size = max(0, min(size, end - start - offset))
-        log.debug("read fh %d: %d bytes at %d", fh, size, offset)
         with _errors_as_eio(f"read of bytes {start + offset}..{start + offset + size}"):
             data = await self.stream.read(start + offset, size)
-        expected, window = self._sequential.get(fh, (None, 1))
+        expected, window = self._sequential.get(reader, (None, 1))
         window = min(window * 2, READAHEAD_MAX) if offset == expected else 1
-        self._sequential[fh] = (offset + size, window)
+        self._sequential[reader] = (offset + size, window)
         if offset == expected:
             index = self.stream.index
             ahead = start + offset + size
@@ -93,207 +119,222 @@ class _Base(pyfuse3.Operations):
                 self.prefetch(ahead, min(index.end(last), end) - ahead)
         return data
 
-    async def release(self, fh):
-        self._sequential.pop(fh, None)
+    def release(self, req):
+        self._sequential.pop((req.nodeid, proto.release_arg(req.body)), None)
+        return b""
 
-    async def statfs(self, ctx):
-        st = pyfuse3.StatvfsData()
-        st.f_bsize = st.f_frsize = 4096
-        st.f_blocks = (self.stream.size + 4095) // 4096
-        st.f_bfree = st.f_bavail = 0
-        st.f_files = 1
-        st.f_ffree = st.f_favail = 0
-        st.f_namemax = 255
-        return st
+    def forget(self, req):
+        return None
 
-    def _attrs(self, inode, mode, size, uid=0, gid=0, mtime_ns=None, rdev=0, nlink=1):
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = inode
-        a.generation = 0
-        a.entry_timeout = a.attr_timeout = TIMEOUT
-        a.st_mode = mode
-        a.st_nlink = nlink
-        a.st_uid, a.st_gid = uid, gid
-        a.st_rdev = rdev
-        a.st_size = size
-        a.st_blksize = 4096
-        a.st_blocks = (size + 511) // 512
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = \
-            self.mtime_ns if mtime_ns is None else mtime_ns
-        return a
+    def statfs(self, req):
+        return proto.statfs_out((self.stream.size + 4095) // 4096, 1)
+
+    def getxattr(self, req):
+        size, name = proto.getxattr_arg(req.body)
+        try:
+            value = self.xattrs(req.nodeid)[name]
+        except KeyError:
+            raise FuseError(errno.ENODATA) from None
+        return _sized(value, size)
+
+    def listxattr(self, req):
+        names = b"".join(name + b"\0" for name in self.xattrs(req.nodeid))
+        return _sized(names, proto.listxattr_arg(req.body))
+
+    def xattrs(self, node: int) -> dict[bytes, bytes]:
+        return {}
+
+    def mode_of(self, node: int) -> int:
+        raise NotImplementedError
+
+    def _attr(self, node, mode, size, uid=0, gid=0, mtime_ns=None, rdev=0, nlink=1):
+        return proto.Attr(node, mode, size, uid, gid,
+                          self.mtime_ns if mtime_ns is None else mtime_ns, rdev, nlink)
+
+
+def _sized(value: bytes, size: int) -> bytes:
+    if size and len(value) > size:
+        raise FuseError(errno.ERANGE)
+    return proto.xattr_out(value, size)
 
 
 class BlobFS(_Base):
-    """One read-only regular file, ``name``, holding the blob."""
+    """One read-only regular file, ``name``, holding the blob.  Each open
+    gets a handle of its own, so that each reader (a loop device, a cp
+    beside it) has its own readahead window."""
 
-    FILE_INODE = pyfuse3.ROOT_INODE + 1
+    FILE = ROOT + 1
 
     def __init__(self, stream: IndexStream, name: str, mtime_ns: int):
         super().__init__(stream, mtime_ns)
         self.name = os.fsencode(name)
         self._next_fh = 1
 
-    async def getattr(self, inode, ctx=None):
-        if inode == pyfuse3.ROOT_INODE:
-            return self._attrs(inode, stat.S_IFDIR | 0o555, 0, nlink=2)
-        if inode == self.FILE_INODE:
-            return self._attrs(inode, stat.S_IFREG | 0o444, self.stream.size)
-        raise pyfuse3.FUSEError(errno.ENOENT)
+    def handlers(self):
+        return {**super().handlers(), proto.OPEN: self.open}
 
-    async def lookup(self, parent_inode, name, ctx=None):
-        if parent_inode == pyfuse3.ROOT_INODE and name == self.name:
-            return await self.getattr(self.FILE_INODE)
-        raise pyfuse3.FUSEError(errno.ENOENT)
+    def _node_attr(self, node):
+        if node == ROOT:
+            return self._attr(node, stat.S_IFDIR | 0o555, 0, nlink=2)
+        if node == self.FILE:
+            return self._attr(node, stat.S_IFREG | 0o444, self.stream.size)
+        raise FuseError(errno.ENOENT)
 
-    async def opendir(self, inode, ctx):
-        if inode != pyfuse3.ROOT_INODE:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+    def mode_of(self, node):
+        return self._node_attr(node).mode
 
-    async def readdir(self, fh, start_id, token):
-        if start_id == 0:
-            pyfuse3.readdir_reply(token, self.name, await self.getattr(self.FILE_INODE), 1)
+    def getattr(self, req):
+        return proto.attr_out(self._node_attr(req.nodeid), TIMEOUT)
 
-    async def open(self, inode, flags, ctx):
-        if inode != self.FILE_INODE:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        if flags & os.O_ACCMODE != os.O_RDONLY:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        # A handle per open, so that each reader has its own readahead window.
+    def lookup(self, req):
+        if req.nodeid == ROOT and proto.name_arg(req.body) == self.name:
+            return proto.entry_out(self._node_attr(self.FILE), TIMEOUT)
+        return proto.entry_out(None, TIMEOUT)
+
+    def readdirplus(self, req):
+        if req.nodeid != ROOT:
+            raise FuseError(errno.ENOTDIR)
+        _, offset, size = proto.read_arg(req.body)
+        out = proto.DirentPlusBuffer(size)
+        if offset == 0:
+            out.add(self.name, self._node_attr(self.FILE), 1, TIMEOUT)
+        return out.payload()
+
+    def open(self, req):
+        if req.nodeid != self.FILE:
+            raise FuseError(errno.EISDIR)
+        if proto.open_arg(req.body) & os.O_ACCMODE != os.O_RDONLY:
+            raise FuseError(errno.EROFS)
         fh, self._next_fh = self._next_fh, self._next_fh + 1
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return proto.open_out(fh, proto.FOPEN_KEEP_CACHE)
 
-    async def read(self, fh, off, size):
-        return await self.read_range(fh, 0, off, size, self.stream.size)
-
-    async def getxattr(self, inode, name, ctx):
-        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
-
-    async def listxattr(self, inode, ctx):
-        return []
+    def read(self, req):
+        fh, offset, size = proto.read_arg(req.body)
+        return self.read_range((req.nodeid, fh), 0, offset, size, self.stream.size)
 
 
 class TreeFS(_Base):
     """The directory tree of a catar stream, served through goodbye tables.
 
-    ``_entries`` holds the entries the kernel knows (lookup counts, as
-    pyfuse3 asks: the kernel's forget() drops them), so memory follows the
-    kernel's dentry cache, not the archive's size.
+    ``_entries`` holds the entries the kernel knows (their lookup counts:
+    the kernel's FORGET drops them), so memory follows the kernel's inode
+    cache, not the archive's size.  There is no OPEN: it is answered ENOSYS,
+    after which the kernel sends no OPEN, FLUSH or RELEASE again and keeps
+    file pages itself; READ names its node, which is all it needs.
     """
 
     def __init__(self, stream: IndexStream, root: Entry, mtime_ns: int):
         super().__init__(stream, mtime_ns)
         self.archive = Archive(stream)
-        self._entries: dict[int, Entry] = {pyfuse3.ROOT_INODE: root}
+        self._entries: dict[int, Entry] = {ROOT: root}
         self._lookups: dict[int, int] = {}
-        self._handles: dict[int, Entry] = {}
-        self._listings: dict[int, list[Entry]] = {}  # dir fh -> children
-        # Listings of recently opened directories, bounded by entry count, so
-        # that walking the tree again does not decode every record again.
+        # Listings of recently read directories, bounded by entry count, so
+        # that a listing read in several requests is decoded once.
         self._dirs = cachetools.LRUCache(LISTED_ENTRIES, getsizeof=len)
-        self._next_fh = 1
+
+    def handlers(self):
+        return {**super().handlers(), proto.READLINK: self.readlink}
 
     @staticmethod
     def inode_of(entry: Entry) -> int:
         return entry.offset + 1
 
-    def _entry(self, inode) -> Entry:
+    def _entry(self, node) -> Entry:
         try:
-            return self._entries[inode]
+            return self._entries[node]
         except KeyError:
-            raise pyfuse3.FUSEError(errno.ESTALE) from None
+            raise FuseError(errno.ESTALE) from None
 
-    def _remember(self, entry: Entry) -> pyfuse3.EntryAttributes:
-        inode = self.inode_of(entry)
-        self._entries.setdefault(inode, entry)
-        self._lookups[inode] = self._lookups.get(inode, 0) + 1
-        return self._entry_attrs(entry)
+    def _remember(self, entry: Entry) -> None:
+        node = self.inode_of(entry)
+        self._entries.setdefault(node, entry)
+        self._lookups[node] = self._lookups.get(node, 0) + 1
 
-    def _entry_attrs(self, e: Entry):
+    def _entry_attr(self, e: Entry) -> proto.Attr:
         rdev = os.makedev(*e.rdev) if e.rdev else 0
-        nlink = 2 if e.is_dir else 1
-        return self._attrs(self.inode_of(e), e.mode, e.size, e.uid, e.gid, e.mtime_ns,
-                           rdev, nlink)
+        return self._attr(self.inode_of(e), e.mode, e.size, e.uid, e.gid, e.mtime_ns,
+                          rdev, 2 if e.is_dir else 1)
 
-    async def getattr(self, inode, ctx=None):
-        return self._entry_attrs(self._entry(inode))
+    def mode_of(self, node):
+        return self._entry(node).mode
 
-    async def lookup(self, parent_inode, name, ctx=None):
-        parent = self._entry(parent_inode)
+    def getattr(self, req):
+        return proto.attr_out(self._entry_attr(self._entry(req.nodeid)), TIMEOUT)
+
+    def lookup(self, req):
+        parent = self._entry(req.nodeid)
         if not parent.is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+            raise FuseError(errno.ENOTDIR)
+        return self._lookup(parent, proto.name_arg(req.body))
+
+    async def _lookup(self, parent, name):
         with _errors_as_eio(f"lookup of {name!r}"):
             child = await self.archive.lookup(parent, name)
         if child is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._remember(child)
+            return proto.entry_out(None, TIMEOUT)
+        self._remember(child)
+        return proto.entry_out(self._entry_attr(child), TIMEOUT)
 
-    async def forget(self, inode_list):
-        for inode, count in inode_list:
-            left = self._lookups.get(inode, 0) - count
+    def forget(self, req):
+        if req.opcode == proto.FORGET:
+            forgotten = proto.forget_arg(req.nodeid, req.body)
+        else:
+            forgotten = proto.batch_forget_arg(req.body)
+        for node, count in forgotten:
+            left = self._lookups.get(node, 0) - count
             if left > 0:
-                self._lookups[inode] = left
+                self._lookups[node] = left
             else:
-                self._lookups.pop(inode, None)
-                if inode != pyfuse3.ROOT_INODE:
-                    self._entries.pop(inode, None)
+                self._lookups.pop(node, None)
+                if node != ROOT:
+                    self._entries.pop(node, None)
+                    self._sequential.pop((node, 0), None)
+        return None
 
-    async def opendir(self, inode, ctx):
-        directory = self._entry(inode)
+    def readdirplus(self, req):
+        directory = self._entry(req.nodeid)
         if not directory.is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        children = self._dirs.get(inode)
+            raise FuseError(errno.ENOTDIR)
+        _, offset, size = proto.read_arg(req.body)
+        children = self._dirs.get(req.nodeid)
         if children is None:
-            with _errors_as_eio(f"listing of directory at offset {directory.offset}"):
-                children = await self.archive.listdir(directory)
-            self._dirs[inode] = children
-        fh, self._next_fh = self._next_fh, self._next_fh + 1
-        self._listings[fh] = children
-        return fh
+            return self._list_then_reply(req.nodeid, directory, offset, size)
+        return self._dirents(children, offset, size)
 
-    async def readdir(self, fh, start_id, token):
-        children = self._listings[fh]
-        for k in range(start_id, len(children)):
+    async def _list_then_reply(self, node, directory, offset, size):
+        with _errors_as_eio(f"listing of directory at offset {directory.offset}"):
+            children = await self.archive.listdir(directory)
+        self._dirs[node] = children
+        return self._dirents(children, offset, size)
+
+    def _dirents(self, children, offset, size):
+        out = proto.DirentPlusBuffer(size)
+        for k in range(offset, len(children)):
             child = children[k]
-            if not pyfuse3.readdir_reply(token, child.name, self._entry_attrs(child), k + 1):
-                return
-            inode = self.inode_of(child)
-            self._entries.setdefault(inode, child)
-            self._lookups[inode] = self._lookups.get(inode, 0) + 1
+            if not out.add(child.name, self._entry_attr(child), k + 1, TIMEOUT):
+                break
+            self._remember(child)
+        return out.payload()
 
-    async def releasedir(self, fh):
-        self._listings.pop(fh, None)
-
-    async def readlink(self, inode, ctx):
-        entry = self._entry(inode)
+    def readlink(self, req):
+        entry = self._entry(req.nodeid)
         if entry.target is None:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise FuseError(errno.EINVAL)
         return entry.target
 
-    async def open(self, inode, flags, ctx):
-        entry = self._entry(inode)
-        if flags & os.O_ACCMODE != os.O_RDONLY:
-            raise pyfuse3.FUSEError(errno.EROFS)
+    def read(self, req):
+        entry = self._entry(req.nodeid)
         if entry.payload is None:
-            raise pyfuse3.FUSEError(errno.EISDIR if entry.is_dir else errno.EINVAL)
-        fh, self._next_fh = self._next_fh, self._next_fh + 1
-        self._handles[fh] = entry
-        if 0 < entry.size <= SMALL_FILE and len(self.stream.index.span(entry.payload,
-                                                                      entry.size)) > 1:
-            # All of a small file at once; within one chunk, the first read
-            # fetches it as fast.
-            self.prefetch(entry.payload, entry.size)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+            raise FuseError(errno.EISDIR if entry.is_dir else errno.EINVAL)
+        _, offset, size = proto.read_arg(req.body)
+        end = entry.payload + entry.size
+        if offset == 0 and size < entry.size <= SMALL_FILE:
+            # The rest of a small file at once, while this read is served.
+            self.prefetch(entry.payload + size, entry.size - size)
+        return self.read_range((req.nodeid, 0), entry.payload, offset, size, end)
 
-    async def read(self, fh, off, size):
-        entry = self._handles[fh]
-        return await self.read_range(fh, entry.payload, off, size, entry.payload + entry.size)
-
-    async def release(self, fh):
-        self._handles.pop(fh, None)
-        await super().release(fh)
-
-    def _xattrs(self, entry: Entry) -> dict[bytes, bytes]:
+    def xattrs(self, node):
+        entry = self._entry(node)
         out = dict(entry.xattrs)
         if entry.fcaps is not None:
             out[b"security.capability"] = entry.fcaps
@@ -302,12 +343,3 @@ class TreeFS(_Base):
         for name, value in acl.xattrs(entry).items():
             out[name.encode()] = value
         return out
-
-    async def getxattr(self, inode, name, ctx):
-        try:
-            return self._xattrs(self._entry(inode))[name]
-        except KeyError:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
-
-    async def listxattr(self, inode, ctx):
-        return list(self._xattrs(self._entry(inode)))

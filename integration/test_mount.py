@@ -131,8 +131,10 @@ def test_busy_mountpoint(full, tmp_path):
         assert done.returncode == 1 and "already mounted" in done.stderr
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_signal_unmounts_cleanly(full, tmp_path, signum):
+    """SIGTERM and SIGINT unmount and exit 0; after SIGKILL, fusermount3's
+    auto_unmount takes the mount down: nothing dead is left behind."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     proc = subprocess.Popen([CAFUSE, "mount", "--no-cache", "-s", str(full.store),
@@ -142,8 +144,13 @@ def test_signal_unmounts_cleanly(full, tmp_path, signum):
         while not is_mounted(mnt):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
+        assert sorted(os.listdir(mnt)) == sorted(os.listdir(full.tree))
         proc.send_signal(signum)
-        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        code = proc.wait(timeout=30)
+        assert code == (-signal.SIGKILL if signum == signal.SIGKILL else 0), proc.stderr.read()
+        deadline = time.monotonic() + 10
+        while is_mounted(mnt) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert not is_mounted(mnt)
     finally:
         if proc.poll() is None:
