@@ -18,6 +18,9 @@ from .errors import FormatError, NotFoundError
 # First read when decoding a node: enough for the FILENAME, the ENTRY and the
 # usual metadata in one go.
 _NODE_WINDOW = 1024
+# Children whose records a listing preloads at once: enough to keep every
+# connection busy, few enough that the chunks stay in the memory cache.
+_LIST_BATCH = 256
 # As the kernel's limit on symlinks followed in one path walk.
 _MAX_SYMLINKS = 40
 
@@ -27,6 +30,9 @@ class ByteSource(Protocol):
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes ``[offset, offset+size)``, shorter only at the end."""
+
+    async def preload(self, ranges: list[tuple[int, int]]) -> None:
+        """A hint: these ``(offset, size)`` ranges are about to be read."""
 
 
 class Archive:
@@ -53,7 +59,12 @@ class Archive:
     async def listdir(self, directory: catar.Entry) -> list[catar.Entry]:
         """The entries of ``directory`` in archive (strcmp) order."""
         items = sorted(await self.children(directory), key=lambda item: item.start)
-        return [await self.child(item) for item in items]
+        out = []
+        for k in range(0, len(items), _LIST_BATCH):
+            batch = items[k:k + _LIST_BATCH]
+            await self.source.preload([(i.start, min(_NODE_WINDOW, i.size)) for i in batch])
+            out.extend([await self.child(item) for item in batch])
+        return out
 
     async def lookup(self, directory: catar.Entry, name: bytes) -> catar.Entry | None:
         """The child ``name`` of ``directory``, or None."""

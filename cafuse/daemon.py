@@ -117,7 +117,8 @@ async def serve(request: MountRequest, ready) -> None:
         try:
             session = fusesession.Session(mount.fd, fs.handlers(), INIT_FLAGS)
             async with trio.open_nursery() as nursery:
-                fs.nursery = nursery
+                fs.nursery, fs.session = nursery, session
+                nursery.start_soon(fs.background)
                 nursery.start_soon(inp.source.engine.maintain)
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 nursery.start_soon(raise_read_ahead, request.mountpoint, session)

@@ -52,6 +52,8 @@ _GETXATTR_IN = struct.Struct("<II")
 _GETXATTR_OUT = struct.Struct("<II")
 _STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 _DIRENT = struct.Struct("<QQII")
+_NOTIFY_STORE_OUT = struct.Struct("<QQII")
+NOTIFY_STORE = 4
 
 
 class ProtocolError(Exception):
@@ -183,6 +185,14 @@ def open_out(fh: int, flags: int) -> bytes:
 
 def statfs_out(blocks: int, files: int, bsize: int = 4096, namelen: int = 255) -> bytes:
     return _STATFS_OUT.pack(blocks, 0, 0, files, 0, bsize, namelen, bsize, 0)
+
+
+def notify_store(nodeid: int, offset: int, size: int) -> bytes:
+    """Header and body of a NOTIFY_STORE, before its ``size`` data bytes:
+    the kernel puts them in the node's page cache, unasked."""
+    total = _OUT_HEADER.size + _NOTIFY_STORE_OUT.size + size
+    return (_OUT_HEADER.pack(total, NOTIFY_STORE, 0)
+            + _NOTIFY_STORE_OUT.pack(nodeid, offset, size, 0))
 
 
 def xattr_out(value: bytes, size: int) -> bytes:

@@ -207,6 +207,17 @@ class Session:
         self.initialized.set()
         return proto.init_out(minor, max_readahead, flags, self.init_flags)
 
+    def store(self, nodeid: int, offset: int, data: bytes) -> bool:
+        """Put ``data`` into the kernel's page cache of ``nodeid`` at
+        ``offset``; False if the kernel no longer holds that node."""
+        try:
+            os.writev(self.fd, [proto.notify_store(nodeid, offset, len(data)), data])
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENODEV, errno.EINVAL):
+                return False
+            raise
+        return True
+
     def _failed(self, req: proto.Request, error: Exception) -> None:
         log.error("FUSE request %d on node %d failed: %r", req.opcode, req.nodeid, error)
         self._error(req, errno.EIO)

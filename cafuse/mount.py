@@ -14,10 +14,12 @@ error below (a chunk no store can deliver, malformed archive bytes) becomes
 EIO for that one request, with one log line; the mount stays up.
 """
 
+import bisect
 import errno
 import logging
 import os
 import stat
+from collections import deque
 from contextlib import contextmanager
 
 import cachetools
@@ -40,6 +42,12 @@ READAHEAD_MAX = 32           # chunks ahead of a sequential reader, at most
 PREFETCH_TASKS = 4           # background prefetches at once; more are dropped
 LISTED_ENTRIES = 100_000     # directory entries kept decoded for readdir
 READERS = 4096               # sequential-read windows remembered
+ARCHIVE_GAP = 1 << 20        # a tree read this far past the last is still "forward"
+WALK_SECONDS = 2.0           # a walk (tar, cp -a) is over this long after its last sign
+PUSH_FILE_MAX = 16 << 20     # a walk's next files up to this size are pushed to the kernel
+PUSH_BATCH = 4 << 20         # bytes fetched per round of pushing
+PUSH_FILES = 64              # files per round of pushing, at most
+PUSH_PIECE = 1 << 20         # bytes per NOTIFY_STORE
 
 INIT_FLAGS = (proto.ASYNC_READ | proto.DO_READDIRPLUS | proto.PARALLEL_DIROPS
               | proto.POSIX_ACL | proto.MAX_PAGES | proto.CACHE_SYMLINKS)
@@ -59,9 +67,13 @@ class _Base:
         self.stream = stream
         self.mtime_ns = mtime_ns
         self.nursery: trio.Nursery | None = None  # set by the runner
+        self.session = None                       # set by the runner
         self._prefetching = 0  # background prefetches running
         # (node, fh) -> (next offset, window) of each sequential reader
         self._sequential = cachetools.LRUCache(READERS)
+
+    async def background(self) -> None:
+        """Work of the file system's own, run beside the session."""
 
     def handlers(self) -> dict:
         """Opcode -> handler, for fusesession.Session."""
@@ -86,13 +98,14 @@ class _Base:
     def releasedir(self, req):
         return b""
 
-    def prefetch(self, offset: int, size: int) -> None:
+    def prefetch(self, offset: int, size: int) -> bool:
         """Fetch the chunks of a byte range in the background, if a slot is
-        free; a demand read is never kept waiting for this."""
+        free (True then); a demand read is never kept waiting for this."""
         if self.nursery is None or size <= 0 or self._prefetching >= PREFETCH_TASKS:
-            return
+            return False
         self._prefetching += 1
         self.nursery.start_soon(self._prefetch, offset, size)
+        return True
 
     async def _prefetch(self, offset, size):
         try:
@@ -102,22 +115,31 @@ class _Base:
         finally:
             self._prefetching -= 1
 
-    async def read_range(self, reader, start: int, offset: int, size: int, end: int):
-        """Read ``[start+offset, ...)`` of the stream for ``reader`` and
-        widen a readahead window while it goes sequentially."""
-        size = max(0, min(size, end - start - offset))
-        with _errors_as_eio(f"read of bytes {start + offset}..{start + offset + size}"):
-            data = await self.stream.read(start + offset, size)
-        expected, window = self._sequential.get(reader, (None, 1))
-        window = min(window * 2, READAHEAD_MAX) if offset == expected else 1
-        self._sequential[reader] = (offset + size, window)
-        if offset == expected:
-            index = self.stream.index
-            ahead = start + offset + size
-            if ahead < end:
-                last = min(index.locate(ahead) + window, len(index) - 1)
-                self.prefetch(ahead, min(index.end(last), end) - ahead)
+    async def read_range(self, reader, offset: int, size: int, end: int, slack: int = 0):
+        """Bytes ``[offset, offset+size)`` of the stream, cut at ``end``, for
+        ``reader``; while its reads go forward (each starting at most
+        ``slack`` bytes after the last one ended), a readahead window of
+        following chunks, up to ``end``, doubles up to READAHEAD_MAX."""
+        size = max(0, min(size, end - offset))
+        with _errors_as_eio(f"read of bytes {offset}..{offset + size}"):
+            data = await self.stream.read(offset, size)
+        self._read_ahead(reader, offset, offset + size, end, slack)
         return data
+
+    def _read_ahead(self, reader, start, stop, end, slack):
+        last, window, frontier = self._sequential.get(reader, (None, 0, stop))
+        if last is not None and last <= start <= last + slack:
+            window = min(max(window * 2, 1), READAHEAD_MAX)
+        else:
+            window, frontier = 0, stop
+        if window and stop < end:
+            index = self.stream.index
+            target = min(index.end(min(index.locate(stop) + window, len(index) - 1)), end)
+            begin = max(frontier, stop)
+            if target > begin and self.prefetch(begin, target - begin):
+                frontier = target
+        self._sequential[reader] = (stop, window, frontier)
+        return window
 
     def release(self, req):
         self._sequential.pop((req.nodeid, proto.release_arg(req.body)), None)
@@ -210,7 +232,7 @@ class BlobFS(_Base):
 
     def read(self, req):
         fh, offset, size = proto.read_arg(req.body)
-        return self.read_range((req.nodeid, fh), 0, offset, size, self.stream.size)
+        return self.read_range((req.nodeid, fh), offset, size, self.stream.size)
 
 
 class TreeFS(_Base):
@@ -228,6 +250,16 @@ class TreeFS(_Base):
         self.archive = Archive(stream)
         self._entries: dict[int, Entry] = {ROOT: root}
         self._lookups: dict[int, int] = {}
+        self._parents: dict[int, int] = {}  # node -> its directory's, for listed nodes
+        # A walk in archive order (tar, cp -a) gets the files it is about to
+        # read pushed into the kernel's page cache (NOTIFY_STORE), so that
+        # reading them costs it no round trip to this process.
+        self._walk_until = 0.0
+        self._read_end = 0                  # where the last tree read ended
+        self._pushes: deque[Entry] = deque()
+        self._push_wanted = trio.Event()
+        self._pushed_dirs = cachetools.LRUCache(4096)
+        self._storing = trio.CapacityLimiter(1)
         # Listings of recently read directories, bounded by entry count, so
         # that a listing read in several requests is decoded once.
         self._dirs = cachetools.LRUCache(LISTED_ENTRIES, getsizeof=len)
@@ -286,9 +318,9 @@ class TreeFS(_Base):
                 self._lookups[node] = left
             else:
                 self._lookups.pop(node, None)
+                self._parents.pop(node, None)
                 if node != ROOT:
                     self._entries.pop(node, None)
-                    self._sequential.pop((node, 0), None)
         return None
 
     def readdirplus(self, req):
@@ -299,21 +331,24 @@ class TreeFS(_Base):
         children = self._dirs.get(req.nodeid)
         if children is None:
             return self._list_then_reply(req.nodeid, directory, offset, size)
-        return self._dirents(children, offset, size)
+        return self._dirents(req.nodeid, children, offset, size)
 
     async def _list_then_reply(self, node, directory, offset, size):
         with _errors_as_eio(f"listing of directory at offset {directory.offset}"):
             children = await self.archive.listdir(directory)
         self._dirs[node] = children
-        return self._dirents(children, offset, size)
+        return self._dirents(node, children, offset, size)
 
-    def _dirents(self, children, offset, size):
+    def _dirents(self, node, children, offset, size):
+        if offset == 0 and self._walking():
+            self._push_files(node, children, 0)
         out = proto.DirentPlusBuffer(size)
         for k in range(offset, len(children)):
             child = children[k]
             if not out.add(child.name, self._entry_attr(child), k + 1, TIMEOUT):
                 break
             self._remember(child)
+            self._parents[self.inode_of(child)] = node
         return out.payload()
 
     def readlink(self, req):
@@ -327,11 +362,82 @@ class TreeFS(_Base):
         if entry.payload is None:
             raise FuseError(errno.EISDIR if entry.is_dir else errno.EINVAL)
         _, offset, size = proto.read_arg(req.body)
-        end = entry.payload + entry.size
+        size = max(0, min(size, entry.size - offset))
         if offset == 0 and size < entry.size <= SMALL_FILE:
             # The rest of a small file at once, while this read is served.
             self.prefetch(entry.payload + size, entry.size - size)
-        return self.read_range((req.nodeid, 0), entry.payload, offset, size, end)
+        # One reader for the whole tree, in archive order: a walk (tar, cp -a)
+        # reads files in that order, so the chunks after the file being read
+        # are those of the next files, and the window runs across files.
+        return self._read_tree(req.nodeid, entry, entry.payload + offset, size)
+
+    async def _read_tree(self, node, entry, offset, size):
+        with _errors_as_eio(f"read of bytes {offset}..{offset + size}"):
+            data = await self.stream.read(offset, size)
+        self._read_end = offset + size
+        window = self._read_ahead("tree", offset, offset + size, self.stream.size, ARCHIVE_GAP)
+        if window >= 2:
+            self._walk_until = trio.current_time() + WALK_SECONDS
+            parent = self._parents.get(node)
+            children = self._dirs.get(parent) if parent is not None else None
+            if children is not None:
+                after = bisect.bisect_right(children, entry.offset, key=lambda c: c.offset)
+                self._push_files(parent, children, after)
+        return data
+
+    def _walking(self) -> bool:
+        return trio.current_time() < self._walk_until
+
+    def _push_files(self, node, children, start):
+        """Queue a directory's files from ``start`` on for pushing, once."""
+        if node in self._pushed_dirs:
+            return
+        self._pushed_dirs[node] = True
+        self._walk_until = trio.current_time() + WALK_SECONDS
+        self._pushes.extend(c for c in children[start:]
+                            if c.payload is not None and 0 < c.size <= PUSH_FILE_MAX)
+        self._push_wanted.set()
+
+    async def background(self):
+        """Push queued files into the page cache, a batch at a time, skipping
+        those the walk has already read itself."""
+        while True:
+            await self._push_wanted.wait()
+            self._push_wanted = trio.Event()
+            while self._pushes:
+                batch, total = [], 0
+                while self._pushes and total < PUSH_BATCH and len(batch) < PUSH_FILES:
+                    entry = self._pushes.popleft()
+                    if entry.payload + entry.size > self._read_end:
+                        batch.append(entry)
+                        total += entry.size
+                try:
+                    await self._push(batch)
+                except CafuseError as e:
+                    log.info("pushing files ahead of a walk: %s", e)
+
+    async def _push(self, batch):
+        await self.stream.preload([(e.payload, e.size) for e in batch])
+        files = []
+        for entry in batch:
+            if self.inode_of(entry) in self._lookups:
+                files.append((entry, await self.stream.read(entry.payload, entry.size)))
+        # From a thread: the kernel may hold a page of one of these files
+        # locked for a READ that only this loop can answer.
+        await trio.to_thread.run_sync(self._store, files, limiter=self._storing)
+
+    def _store(self, files):
+        stored = 0
+        for entry, data in files:
+            if entry.payload + entry.size <= self._read_end:
+                continue  # the walk got there first
+            node = self.inode_of(entry)
+            for piece in range(0, len(data), PUSH_PIECE):
+                if not self.session.store(node, piece, data[piece:piece + PUSH_PIECE]):
+                    break
+            else:
+                stored += 1
+        log.debug("pushed %d of %d files ahead of a walk", stored, len(files))
 
     def xattrs(self, node):
         entry = self._entry(node)

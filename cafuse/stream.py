@@ -40,6 +40,14 @@ class IndexStream:
         start = offset - self.index.start(span[0])
         return data[start:start + size]
 
+    async def preload(self, ranges: list[tuple[int, int]]) -> None:
+        """Bring the chunks under ``(offset, size)`` ranges into the memory
+        cache, all at once: a caller about to read many small ranges then
+        waits for one round of concurrent fetches, not one per range."""
+        chunks = sorted({i for offset, size in ranges for i in self.index.span(offset, size)})
+        if chunks:
+            await self.engine.get_many(self._wanted(chunks))
+
     async def copy(self, offset: int, size: int, write: Callable[[bytes], object],
                    ahead: int = _AHEAD) -> None:
         """Pass bytes ``[offset, offset+size)`` to ``write`` in order.
@@ -102,6 +110,9 @@ class FileSource:
 
     async def read(self, offset: int, size: int) -> bytes:
         return os.pread(self._fd, max(0, min(size, self.size - offset)), offset)
+
+    async def preload(self, ranges: list[tuple[int, int]]) -> None:
+        pass
 
     async def copy(self, offset: int, size: int, write: Callable[[bytes], object]) -> None:
         stop = min(offset + size, self.size)

@@ -20,6 +20,9 @@ class MemorySource:
         self.reads.append((offset, size))
         return self.data[offset:offset + size]
 
+    async def preload(self, ranges):
+        pass
+
 
 def build_index(chunks: list[bytes], feature_flags=0xB000000000000000,
                 sizes=(1, 1, 1 << 20)) -> bytes:
