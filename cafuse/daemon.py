@@ -22,6 +22,7 @@ from . import fusesession
 from .errors import CafuseError, UsageError, first_error
 from .inputs import Input, Options, open_input
 from .mount import INIT_FLAGS, BlobFS, TreeFS
+from .mountinfo import device_of
 from .store import is_url
 
 log = logging.getLogger("cafuse")
@@ -38,29 +39,9 @@ class MountRequest:
 READ_AHEAD_KB = 1024
 
 
-def _device_of(mountpoint: str) -> str | None:
-    """The "major:minor" of the mount at ``mountpoint``, from mountinfo, so
-    that a hung FUSE daemon (or our own, before it serves) is never touched."""
-    target, device = _canonical(mountpoint), None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4].encode().decode("unicode_escape") == target:
-                device = fields[2]  # the last one: the mount on top
-    return device
-
-
-def _canonical(path: str) -> str:
-    """``path`` as mountinfo spells it.  Only the parent is resolved: a
-    stat of the mount point itself would reach the FUSE daemon, which may
-    be hung, or be this very process before it serves."""
-    path = os.path.abspath(path)
-    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-
-
 def mounted(mountpoint: str) -> bool:
     """Whether ``mountpoint`` is a mount point now."""
-    return _device_of(mountpoint) is not None
+    return device_of(mountpoint) is not None
 
 
 async def raise_read_ahead(mountpoint: str, session: fusesession.Session) -> None:
@@ -70,7 +51,7 @@ async def raise_read_ahead(mountpoint: str, session: fusesession.Session) -> Non
     processes the FUSE INIT reply, so this waits until that is done."""
     await session.initialized.wait()
     await trio.sleep(0.1)
-    device = _device_of(mountpoint)
+    device = device_of(mountpoint)
     try:
         with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
             f.write(str(READ_AHEAD_KB))

@@ -27,7 +27,6 @@ MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 
 FOPEN_KEEP_CACHE = 1 << 1
-FOPEN_CACHE_DIR = 1 << 3
 
 MAJOR, MINOR = 7, 31
 MAX_PAGES_WANTED = 256          # 1 MiB requests: the kernel's ceiling

@@ -9,7 +9,8 @@ costs about 20 us instead of 60 (docs/architecture.md).
 
 The mount is made by ``fusermount3``, which hands the device back through a
 socket (the ``_FUSE_COMMFD`` protocol that libfuse uses), so it works for
-root and for users alike.
+root and for users alike.  OPEN and OPENDIR are for the file system to
+answer: ENOSYS to both lets the kernel keep pages and listings by itself.
 """
 
 import errno
@@ -17,6 +18,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import time
 from typing import Awaitable, Callable
 
@@ -24,6 +26,7 @@ import trio
 
 from . import fuseproto as proto
 from .errors import CafuseError
+from .mountinfo import device_of
 
 log = logging.getLogger("cafuse")
 
@@ -51,45 +54,53 @@ def _escape(option: str) -> str:
 
 
 class Mount:
-    """A FUSE mount made by fusermount3, with ``auto_unmount``: fusermount3
-    stays behind, watching a socket of ours, and unmounts when this process
-    ends however it ends, so a crash never leaves a dead mount behind."""
+    """A FUSE mount made by fusermount3, and a watchdog process that
+    unmounts it if this process dies without doing so (cafuse.watchdog)."""
 
     def __init__(self, mountpoint: str, options: list[str]):
         self.mountpoint = mountpoint
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
-        option = ",".join(_escape(o) for o in [*options, "auto_unmount"])
-        try:
-            self._helper = subprocess.Popen(
-                ["fusermount3", "-o", option, "--", mountpoint], env=env,
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        except FileNotFoundError:
-            ours.close()
-            raise CafuseError("fusermount3 not found: install the fuse3 package") from None
-        finally:
-            theirs.close()
-        self._socket = ours
-        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
-        if not fds:
-            ours.close()
-            lines = self._helper.communicate(timeout=60)[1].strip().splitlines()
-            raise CafuseError(f"{mountpoint}: cannot mount: "
-                              f"{lines[-1] if lines else 'fusermount3 failed'}")
-        self.fd = fds[0]
+        self.fd = _fusermount(mountpoint, options)
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-m", "cafuse.watchdog", mountpoint,
+             device_of(mountpoint) or "?"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
 
     def close(self) -> None:
         """Unmount (lazily: files still open keep it until they close)."""
         subprocess.run(["fusermount3", "-u", "-z", "-q", "--", self.mountpoint],
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
         os.close(self.fd)
-        self._socket.close()
         try:
-            self._helper.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._helper.kill()
-            self._helper.wait()
+            self._watchdog.stdin.write(b"done")
+            self._watchdog.stdin.close()
+        except OSError:
+            pass
+        self._watchdog.wait()
+
+
+def _fusermount(mountpoint: str, options: list[str]) -> int:
+    """Mount; the FUSE device's descriptor, which fusermount3 sends back
+    through a socket (the _FUSE_COMMFD protocol of libfuse)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+        try:
+            done = subprocess.run(
+                ["fusermount3", "-o", ",".join(map(_escape, options)), "--", mountpoint],
+                env=env, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                capture_output=True, text=True, timeout=60)
+        except FileNotFoundError:
+            raise CafuseError("fusermount3 not found: install the fuse3 package") from None
+        if done.returncode:
+            lines = done.stderr.strip().splitlines()
+            raise CafuseError(f"{mountpoint}: cannot mount: "
+                              f"{lines[-1] if lines else 'fusermount3 failed'}")
+        theirs.close()
+        _, fds, _, _ = socket.recv_fds(ours, 1, 1)
+    if not fds:
+        raise CafuseError(f"{mountpoint}: cannot mount: fusermount3 sent no device")
+    return fds[0]
 
 
 class Session:

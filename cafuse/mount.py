@@ -14,12 +14,10 @@ error below (a chunk no store can deliver, malformed archive bytes) becomes
 EIO for that one request, with one log line; the mount stays up.
 """
 
-import bisect
 import errno
 import logging
 import os
 import stat
-from collections import deque
 from contextlib import contextmanager
 
 import cachetools
@@ -32,6 +30,7 @@ from .catar import Entry
 from .errors import CafuseError
 from .fusesession import FuseError
 from .stream import IndexStream
+from .walk import WalkAhead, node_of
 
 log = logging.getLogger("cafuse")
 
@@ -43,11 +42,6 @@ PREFETCH_TASKS = 4           # background prefetches at once; more are dropped
 LISTED_ENTRIES = 100_000     # directory entries kept decoded for readdir
 READERS = 4096               # sequential-read windows remembered
 ARCHIVE_GAP = 1 << 20        # a tree read this far past the last is still "forward"
-WALK_SECONDS = 2.0           # a walk (tar, cp -a) is over this long after its last sign
-PUSH_FILE_MAX = 16 << 20     # a walk's next files up to this size are pushed to the kernel
-PUSH_BATCH = 4 << 20         # bytes fetched per round of pushing
-PUSH_FILES = 64              # files per round of pushing, at most
-PUSH_PIECE = 1 << 20         # bytes per NOTIFY_STORE
 
 INIT_FLAGS = (proto.ASYNC_READ | proto.DO_READDIRPLUS | proto.PARALLEL_DIROPS
               | proto.POSIX_ACL | proto.MAX_PAGES | proto.CACHE_SYMLINKS)
@@ -83,20 +77,8 @@ class _Base:
             proto.READDIRPLUS: self.readdirplus, proto.READDIR: self.readdirplus,
             proto.GETXATTR: self.getxattr, proto.LISTXATTR: self.listxattr,
             proto.FORGET: self.forget, proto.BATCH_FORGET: self.forget,
-            proto.RELEASE: self.release, proto.OPENDIR: self.opendir,
-            proto.RELEASEDIR: self.releasedir,
+            proto.RELEASE: self.release,
         }
-
-    def opendir(self, req):
-        """Directories are opened, unlike files, so that a dead mount's root
-        fails to open (ENOTCONN), which is what fusermount3's auto_unmount
-        checks before it unmounts; the kernel keeps their listings."""
-        if not stat.S_ISDIR(self.mode_of(req.nodeid)):
-            raise FuseError(errno.ENOTDIR)
-        return proto.open_out(0, proto.FOPEN_KEEP_CACHE | proto.FOPEN_CACHE_DIR)
-
-    def releasedir(self, req):
-        return b""
 
     def prefetch(self, offset: int, size: int) -> bool:
         """Fetch the chunks of a byte range in the background, if a slot is
@@ -166,9 +148,6 @@ class _Base:
     def xattrs(self, node: int) -> dict[bytes, bytes]:
         return {}
 
-    def mode_of(self, node: int) -> int:
-        raise NotImplementedError
-
     def _attr(self, node, mode, size, uid=0, gid=0, mtime_ns=None, rdev=0, nlink=1):
         return proto.Attr(node, mode, size, uid, gid,
                           self.mtime_ns if mtime_ns is None else mtime_ns, rdev, nlink)
@@ -201,9 +180,6 @@ class BlobFS(_Base):
         if node == self.FILE:
             return self._attr(node, stat.S_IFREG | 0o444, self.stream.size)
         raise FuseError(errno.ENOENT)
-
-    def mode_of(self, node):
-        return self._node_attr(node).mode
 
     def getattr(self, req):
         return proto.attr_out(self._node_attr(req.nodeid), TIMEOUT)
@@ -240,9 +216,10 @@ class TreeFS(_Base):
 
     ``_entries`` holds the entries the kernel knows (their lookup counts:
     the kernel's FORGET drops them), so memory follows the kernel's inode
-    cache, not the archive's size.  There is no OPEN: it is answered ENOSYS,
-    after which the kernel sends no OPEN, FLUSH or RELEASE again and keeps
-    file pages itself; READ names its node, which is all it needs.
+    cache, not the archive's size.  There is no OPEN or OPENDIR: they are
+    answered ENOSYS, after which the kernel sends no OPEN, FLUSH, RELEASE,
+    OPENDIR or RELEASEDIR again and keeps file pages and directory listings
+    itself; READ and READDIRPLUS name their node, which is all they need.
     """
 
     def __init__(self, stream: IndexStream, root: Entry, mtime_ns: int):
@@ -251,25 +228,16 @@ class TreeFS(_Base):
         self._entries: dict[int, Entry] = {ROOT: root}
         self._lookups: dict[int, int] = {}
         self._parents: dict[int, int] = {}  # node -> its directory's, for listed nodes
-        # A walk in archive order (tar, cp -a) gets the files it is about to
-        # read pushed into the kernel's page cache (NOTIFY_STORE), so that
-        # reading them costs it no round trip to this process.
-        self._walk_until = 0.0
-        self._read_end = 0                  # where the last tree read ended
-        self._pushes: deque[Entry] = deque()
-        self._push_wanted = trio.Event()
-        self._pushed_dirs = cachetools.LRUCache(4096)
-        self._storing = trio.CapacityLimiter(1)
         # Listings of recently read directories, bounded by entry count, so
         # that a listing read in several requests is decoded once.
         self._dirs = cachetools.LRUCache(LISTED_ENTRIES, getsizeof=len)
+        self.walk = WalkAhead(self.archive, self._dirs, self._lookups.__contains__,
+                              lambda node, offset, data: self.session.store(node, offset, data))
 
     def handlers(self):
         return {**super().handlers(), proto.READLINK: self.readlink}
 
-    @staticmethod
-    def inode_of(entry: Entry) -> int:
-        return entry.offset + 1
+    inode_of = staticmethod(node_of)
 
     def _entry(self, node) -> Entry:
         try:
@@ -286,9 +254,6 @@ class TreeFS(_Base):
         rdev = os.makedev(*e.rdev) if e.rdev else 0
         return self._attr(self.inode_of(e), e.mode, e.size, e.uid, e.gid, e.mtime_ns,
                           rdev, 2 if e.is_dir else 1)
-
-    def mode_of(self, node):
-        return self._entry(node).mode
 
     def getattr(self, req):
         return proto.attr_out(self._entry_attr(self._entry(req.nodeid)), TIMEOUT)
@@ -340,8 +305,8 @@ class TreeFS(_Base):
         return self._dirents(node, children, offset, size)
 
     def _dirents(self, node, children, offset, size):
-        if offset == 0 and self._walking():
-            self._push_files(node, children, 0)
+        if offset == 0:
+            self.walk.listed(node, children)
         out = proto.DirentPlusBuffer(size)
         for k in range(offset, len(children)):
             child = children[k]
@@ -374,70 +339,12 @@ class TreeFS(_Base):
     async def _read_tree(self, node, entry, offset, size):
         with _errors_as_eio(f"read of bytes {offset}..{offset + size}"):
             data = await self.stream.read(offset, size)
-        self._read_end = offset + size
         window = self._read_ahead("tree", offset, offset + size, self.stream.size, ARCHIVE_GAP)
-        if window >= 2:
-            self._walk_until = trio.current_time() + WALK_SECONDS
-            parent = self._parents.get(node)
-            children = self._dirs.get(parent) if parent is not None else None
-            if children is not None:
-                after = bisect.bisect_right(children, entry.offset, key=lambda c: c.offset)
-                self._push_files(parent, children, after)
+        self.walk.read(self._parents.get(node), entry, offset, size, forward=window >= 2)
         return data
 
-    def _walking(self) -> bool:
-        return trio.current_time() < self._walk_until
-
-    def _push_files(self, node, children, start):
-        """Queue a directory's files from ``start`` on for pushing, once."""
-        if node in self._pushed_dirs:
-            return
-        self._pushed_dirs[node] = True
-        self._walk_until = trio.current_time() + WALK_SECONDS
-        self._pushes.extend(c for c in children[start:]
-                            if c.payload is not None and 0 < c.size <= PUSH_FILE_MAX)
-        self._push_wanted.set()
-
     async def background(self):
-        """Push queued files into the page cache, a batch at a time, skipping
-        those the walk has already read itself."""
-        while True:
-            await self._push_wanted.wait()
-            self._push_wanted = trio.Event()
-            while self._pushes:
-                batch, total = [], 0
-                while self._pushes and total < PUSH_BATCH and len(batch) < PUSH_FILES:
-                    entry = self._pushes.popleft()
-                    if entry.payload + entry.size > self._read_end:
-                        batch.append(entry)
-                        total += entry.size
-                try:
-                    await self._push(batch)
-                except CafuseError as e:
-                    log.info("pushing files ahead of a walk: %s", e)
-
-    async def _push(self, batch):
-        await self.stream.preload([(e.payload, e.size) for e in batch])
-        files = []
-        for entry in batch:
-            if self.inode_of(entry) in self._lookups:
-                files.append((entry, await self.stream.read(entry.payload, entry.size)))
-        # From a thread: the kernel may hold a page of one of these files
-        # locked for a READ that only this loop can answer.
-        await trio.to_thread.run_sync(self._store, files, limiter=self._storing)
-
-    def _store(self, files):
-        stored = 0
-        for entry, data in files:
-            if entry.payload + entry.size <= self._read_end:
-                continue  # the walk got there first
-            node = self.inode_of(entry)
-            for piece in range(0, len(data), PUSH_PIECE):
-                if not self.session.store(node, piece, data[piece:piece + PUSH_PIECE]):
-                    break
-            else:
-                stored += 1
-        log.debug("pushed %d of %d files ahead of a walk", stored, len(files))
+        await self.walk.run()
 
     def xattrs(self, node):
         entry = self._entry(node)

@@ -1,0 +1,170 @@
+"""Running ahead of a walk: files pushed into the kernel's page cache.
+
+A walk of a mounted tree (tar, cp -a, rsync) lists each directory and reads
+its files in the order the archive holds them, so once a tree's reads move
+forward, what comes next is known: the rest of the directory being read,
+and the files and subdirectories of each directory the walk lists.  Those
+files are fetched in batches and written into the page cache with
+NOTIFY_STORE, and those subdirectories are listed before the walk asks:
+the walk then reads without a round trip to this process.
+
+The kernel accepts a store only for a node it knows, that is one it was
+told of by a listing or lookup; so a directory's files are pushed only
+once the walk has listed it.
+"""
+
+import heapq
+import itertools
+import logging
+from collections.abc import Callable
+
+import trio
+
+from .archive import Archive
+from .catar import Entry
+from .errors import CafuseError
+
+log = logging.getLogger("cafuse")
+
+WALK_SECONDS = 2.0           # a walk is over this long after its last sign
+PUSH_FILE_MAX = 16 << 20     # larger files are left to readahead
+PUSH_BATCH = 4 << 20         # bytes fetched per round
+PUSH_FILES = 64              # files per round, at most
+PUSH_PIECE = 1 << 20         # bytes per NOTIFY_STORE
+
+
+def node_of(entry: Entry) -> int:
+    return entry.offset + 1
+
+
+class WalkAhead:
+    """Pushes the files a walk is about to read.
+
+    ``listings`` is the file system's cache of decoded directories (node ->
+    children in archive order); ``known(node)`` tells whether the kernel
+    holds a node; ``store(node, offset, data)`` writes into its page cache
+    and may block (it runs in a worker thread: the kernel may hold a page
+    locked for a READ that only the request loop can answer).
+    """
+
+    def __init__(self, archive: Archive, listings, known: Callable[[int], bool],
+                 store: Callable[[int, int, bytes], bool]):
+        self.archive = archive
+        self.stream = archive.source
+        self.listings = listings
+        self.known = known
+        self.store = store
+        self.read_end = 0             # where the walk's last read ended
+        self._until = 0.0             # the walk is on until then
+        self._files: list = []        # heap of (payload offset, seq, entry)
+        self._dirs: list = []         # heap of (offset, seq, entry) to list early
+        self._queued = set()          # directories whose files were queued
+        self._seq = itertools.count()
+        self._wanted = trio.Event()
+        self._storing = trio.CapacityLimiter(1)
+
+    def walking(self) -> bool:
+        return trio.current_time() < self._until
+
+    def read(self, directory: int | None, entry: Entry, offset: int, size: int,
+             forward: bool) -> None:
+        """A tree read of ``entry`` (in ``directory``) ended at offset+size;
+        ``forward`` if the tree's reads are moving forward."""
+        self.read_end = offset + size
+        if not forward:
+            return
+        self._until = trio.current_time() + WALK_SECONDS
+        children = self.listings.get(directory) if directory is not None else None
+        if children is not None and directory not in self._queued:
+            start = next((k for k, c in enumerate(children) if c.offset > entry.offset),
+                         len(children))
+            self._queue(directory, children[start:])
+
+    def listed(self, directory: int, children: list[Entry]) -> None:
+        """The kernel just asked for the start of a directory's listing."""
+        if self.walking() and directory not in self._queued:
+            self._until = trio.current_time() + WALK_SECONDS
+            self._queue(directory, children)
+
+    def _queue(self, directory, children):
+        self._queued.add(directory)
+        for child in children:
+            if child.payload is not None and 0 < child.size <= PUSH_FILE_MAX:
+                heapq.heappush(self._files, (child.payload, next(self._seq), child))
+            elif child.is_dir and node_of(child) not in self.listings:
+                heapq.heappush(self._dirs, (child.offset, next(self._seq), child))
+        self._wanted.set()
+
+    async def run(self) -> None:
+        """Work through the queues in archive order while the walk lasts."""
+        while True:
+            await self._wanted.wait()
+            self._wanted = trio.Event()
+            async with trio.open_nursery() as nursery:
+                while (self._files or self._dirs) and self.walking():
+                    try:
+                        await self._step(nursery)
+                    except CafuseError as e:
+                        log.info("running ahead of a walk: %s", e)
+                nursery.cancel_scope.cancel()
+            if not self.walking():
+                self._files.clear()
+                self._dirs.clear()
+                self._queued.clear()
+
+    async def _step(self, nursery):
+        if self._dirs and (not self._files or self._dirs[0][0] < self._files[0][0]):
+            directory = heapq.heappop(self._dirs)[2]
+            if node_of(directory) not in self.listings:
+                self.listings[node_of(directory)] = await self.archive.listdir(directory)
+            return
+        batch = self._take()
+        following = self._peek()
+        if following:  # fetched while this batch is stored
+            nursery.start_soon(self._preload, following)
+        if batch:
+            await self._push(batch)
+
+    def _take(self) -> list[Entry]:
+        """The next batch of files, less those the walk has read itself."""
+        batch, total = [], 0
+        while self._files and total < PUSH_BATCH and len(batch) < PUSH_FILES:
+            entry = heapq.heappop(self._files)[2]
+            if entry.payload + entry.size > self.read_end:
+                batch.append(entry)
+                total += entry.size
+        return batch
+
+    def _peek(self) -> list[tuple[int, int]]:
+        """The byte ranges of the batch after that."""
+        ranges, total = [], 0
+        for _, _, entry in heapq.nsmallest(PUSH_FILES, self._files):
+            if total >= PUSH_BATCH:
+                break
+            ranges.append((entry.payload, entry.size))
+            total += entry.size
+        return ranges
+
+    async def _preload(self, ranges):
+        try:
+            await self.stream.preload(ranges)
+        except CafuseError:
+            pass  # the push of this batch will say
+
+    async def _push(self, batch):
+        await self.stream.preload([(e.payload, e.size) for e in batch])
+        files = [(e, await self.stream.read(e.payload, e.size))
+                 for e in batch if self.known(node_of(e))]
+        await trio.to_thread.run_sync(self._store_all, files, limiter=self._storing)
+
+    def _store_all(self, files):
+        stored = 0
+        for entry, data in files:
+            if entry.payload + entry.size <= self.read_end:
+                continue  # the walk got there first
+            for piece in range(0, len(data), PUSH_PIECE):
+                if not self.store(node_of(entry), piece, data[piece:piece + PUSH_PIECE]):
+                    break
+            else:
+                stored += 1
+        log.debug("pushed %d of %d files ahead of a walk", stored, len(files))
