@@ -31,6 +31,8 @@ PUSH_FILE_MAX = 16 << 20     # larger files are left to readahead
 PUSH_BATCH = 4 << 20         # bytes fetched per round
 PUSH_FILES = 64              # files per round, at most
 PUSH_PIECE = 1 << 20         # bytes per NOTIFY_STORE
+AHEAD = 2                    # batches fetched while one is stored
+RUN_GAP = 64 << 10           # files this close are read from the stream in one go
 
 
 def node_of(entry: Entry) -> int:
@@ -136,10 +138,10 @@ class WalkAhead:
         return batch
 
     def _peek(self) -> list[tuple[int, int]]:
-        """The byte ranges of the batch after that."""
+        """The byte ranges of the batches after that."""
         ranges, total = [], 0
-        for _, _, entry in heapq.nsmallest(PUSH_FILES, self._files):
-            if total >= PUSH_BATCH:
+        for _, _, entry in heapq.nsmallest(PUSH_FILES * AHEAD, self._files):
+            if total >= PUSH_BATCH * AHEAD:
                 break
             ranges.append((entry.payload, entry.size))
             total += entry.size
@@ -153,8 +155,12 @@ class WalkAhead:
 
     async def _push(self, batch):
         await self.stream.preload([(e.payload, e.size) for e in batch])
-        files = [(e, await self.stream.read(e.payload, e.size))
-                 for e in batch if self.known(node_of(e))]
+        files = []
+        for run in _runs([e for e in batch if self.known(node_of(e))]):
+            start = run[0].payload
+            data = await self.stream.read(start, run[-1].payload + run[-1].size - start)
+            view = memoryview(data)
+            files.extend((e, view[e.payload - start:e.payload - start + e.size]) for e in run)
         await trio.to_thread.run_sync(self._store_all, files, limiter=self._storing)
 
     def _store_all(self, files):
@@ -168,3 +174,15 @@ class WalkAhead:
             else:
                 stored += 1
         log.debug("pushed %d of %d files ahead of a walk", stored, len(files))
+
+
+def _runs(files: list[Entry]) -> list[list[Entry]]:
+    """Files (in archive order) grouped where each starts close to the end
+    of the one before: one stream read for each group."""
+    runs: list[list[Entry]] = []
+    for entry in files:
+        if runs and entry.payload - (runs[-1][-1].payload + runs[-1][-1].size) <= RUN_GAP:
+            runs[-1].append(entry)
+        else:
+            runs.append([entry])
+    return runs
