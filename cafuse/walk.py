@@ -108,6 +108,9 @@ class WalkAhead:
                         await self._step(nursery)
                     except CafuseError as e:
                         log.info("running ahead of a walk: %s", e)
+                    except Exception as e:  # only an optimisation: never the mount's end
+                        log.error("running ahead of a walk failed: %r", e)
+                        self._until = 0.0
                 nursery.cancel_scope.cancel()
             if not self.walking():
                 self._files.clear()

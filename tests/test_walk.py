@@ -1,0 +1,85 @@
+"""Running ahead of a walk (walk.py), without FUSE: what would be pushed
+into the page cache, checked against the archive's own bytes."""
+
+import os
+
+import trio
+
+from cafuse.catar import Entry
+from cafuse.walk import PUSH_FILE_MAX, RUN_GAP, WalkAhead, _runs, node_of
+
+from reading import open_made
+
+
+def entry(payload, size):
+    return Entry(offset=payload - 100, end=payload + size, name=b"f", feature_flags=0,
+                 mode=0o100644, flags=0, uid=0, gid=0, mtime_ns=0, payload=payload,
+                 size=size)
+
+
+def test_runs_group_neighbours_only():
+    a, b, c = entry(1000, 10), entry(1010 + RUN_GAP, 5), entry(1015 + 2 * RUN_GAP + 1, 1)
+    assert _runs([a, b, c]) == [[a, b], [c]]
+    assert _runs([]) == []
+
+
+def walk_ahead(made, known=lambda node: True):
+    """A WalkAhead over a fixture archive, and the stores it makes."""
+    inp = open_made(made)
+    archive = inp.archive()
+    stored = []
+    listings = {}
+    ahead = WalkAhead(archive, listings, known,
+                      lambda node, offset, data: stored.append((node, offset, bytes(data)))
+                      or True)
+    return archive, ahead, listings, stored
+
+
+async def push_root(archive, ahead, listings, first_read: bool):
+    """Pretend the kernel listed the root, then (maybe) a forward read."""
+    root = await archive.root()
+    listings[1] = children = await archive.listdir(root)
+    if first_read:
+        ahead.read(None, children[0], 0, 0, forward=True)  # a walk is on
+    ahead.listed(1, children)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ahead.run)
+        with trio.fail_after(30):
+            while ahead._files or ahead._dirs:
+                await trio.sleep(0.01)
+            await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    return children
+
+
+def test_a_walk_gets_the_files_of_what_it_lists(casync_archive):
+    made = casync_archive("full")
+    archive, ahead, listings, stored = walk_ahead(made)
+    children = trio.run(push_root, archive, ahead, listings, True)
+    files = {node_of(c): c for c in children
+             if c.payload is not None and 0 < c.size <= PUSH_FILE_MAX}
+    assert files, "the fixture's root has regular files"
+    got = {}
+    for node, offset, data in stored:
+        got.setdefault(node, bytearray())
+        assert offset == len(got[node])  # pieces in order, no holes
+        got[node] += data
+    assert set(got) == set(files)
+    for node, data in got.items():
+        assert bytes(data) == (made.tree / os.fsdecode(files[node].name)).read_bytes()
+    # Subdirectories were listed ahead of the walk.
+    assert all(node_of(c) in listings for c in children if c.is_dir)
+
+
+def test_no_walk_no_push(casync_archive):
+    made = casync_archive("full")
+    archive, ahead, listings, stored = walk_ahead(made)
+    trio.run(push_root, archive, ahead, listings, False)
+    assert stored == []
+
+
+def test_nodes_the_kernel_does_not_hold_are_not_pushed(casync_archive):
+    made = casync_archive("full")
+    archive, ahead, listings, stored = walk_ahead(made, known=lambda node: False)
+    trio.run(push_root, archive, ahead, listings, True)
+    assert stored == []
