@@ -135,15 +135,16 @@ class Archive:
                     yield item
 
     async def _node(self, offset, end, name, buf=b""):
-        want = min(_NODE_WINDOW, end - offset)
+        """Decode the node at ``offset``; ``buf``, if given, holds its first
+        bytes, and is often all that is needed."""
+        if not buf:
+            buf = await self._exact(offset, min(_NODE_WINDOW, end - offset))
         while True:
-            if len(buf) < want:
-                buf = await self._exact(offset, want)
             decoded = catar.decode_node(buf, offset, end, name)
             if not isinstance(decoded, catar.NeedMore):
                 return decoded
             # decode_node asks only for bytes inside [offset, end).
-            want = max(decoded.size, min(2 * len(buf), end - offset))
+            buf = await self._exact(offset, max(decoded.size, min(2 * len(buf), end - offset)))
 
     async def _exact(self, offset, size):
         buf = await self.source.read(offset, size)

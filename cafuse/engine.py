@@ -148,6 +148,10 @@ class ChunkEngine:
         if self._memory is not None and len(data) <= self._memory.maxsize // 4:
             self._memory[chunk_id] = data
 
+    def peek(self, chunk_id: bytes) -> bytes | None:
+        """The chunk if it is in memory, else None, at once."""
+        return self._from_memory(chunk_id)
+
     def _from_memory(self, chunk_id):
         data = self._memory.get(chunk_id) if self._memory is not None else None
         if data is not None:
