@@ -204,19 +204,20 @@ def dirent_type(mode: int) -> int:
     return (mode >> 12) & 0o17
 
 
-class DirentPlusBuffer:
-    """The body of a READDIRPLUS reply, filled entry by entry up to the
-    size the kernel asked for."""
+class DirentBuffer:
+    """The body of a READDIRPLUS (``plus``) or READDIR reply, filled entry
+    by entry up to the size the kernel asked for."""
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, plus: bool = True):
         self.size = size
+        self.plus = plus
         self.parts: list[bytes] = []
         self.used = 0
 
     def add(self, name: bytes, attr: Attr, next_offset: int, timeout: float) -> bool:
         """Append one entry; False (nothing appended) once it would not fit."""
         padded = (len(name) + 7) & ~7
-        entry = entry_out(attr, timeout)
+        entry = entry_out(attr, timeout) if self.plus else b""
         need = len(entry) + _DIRENT.size + padded
         if self.used + need > self.size:
             return False

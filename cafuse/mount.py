@@ -74,7 +74,7 @@ class _Base:
         return {
             proto.LOOKUP: self.lookup, proto.GETATTR: self.getattr,
             proto.READ: self.read, proto.STATFS: self.statfs,
-            proto.READDIRPLUS: self.readdirplus, proto.READDIR: self.readdirplus,
+            proto.READDIRPLUS: self.readdir, proto.READDIR: self.readdir,
             proto.GETXATTR: self.getxattr, proto.LISTXATTR: self.listxattr,
             proto.FORGET: self.forget, proto.BATCH_FORGET: self.forget,
             proto.RELEASE: self.release,
@@ -189,11 +189,11 @@ class BlobFS(_Base):
             return proto.entry_out(self._node_attr(self.FILE), TIMEOUT)
         return proto.entry_out(None, TIMEOUT)
 
-    def readdirplus(self, req):
+    def readdir(self, req):
         if req.nodeid != ROOT:
             raise FuseError(errno.ENOTDIR)
         _, offset, size = proto.read_arg(req.body)
-        out = proto.DirentPlusBuffer(size)
+        out = proto.DirentBuffer(size, plus=req.opcode == proto.READDIRPLUS)
         if offset == 0:
             out.add(self.name, self._node_attr(self.FILE), 1, TIMEOUT)
         return out.payload()
@@ -288,32 +288,33 @@ class TreeFS(_Base):
                     self._entries.pop(node, None)
         return None
 
-    def readdirplus(self, req):
+    def readdir(self, req):
         directory = self._entry(req.nodeid)
         if not directory.is_dir:
             raise FuseError(errno.ENOTDIR)
         _, offset, size = proto.read_arg(req.body)
+        out = proto.DirentBuffer(size, plus=req.opcode == proto.READDIRPLUS)
         children = self._dirs.get(req.nodeid)
         if children is None:
-            return self._list_then_reply(req.nodeid, directory, offset, size)
-        return self._dirents(req.nodeid, children, offset, size)
+            return self._list_then_reply(req.nodeid, directory, offset, out)
+        return self._dirents(req.nodeid, children, offset, out)
 
-    async def _list_then_reply(self, node, directory, offset, size):
+    async def _list_then_reply(self, node, directory, offset, out):
         with _errors_as_eio(f"listing of directory at offset {directory.offset}"):
             children = await self.archive.listdir(directory)
         self._dirs[node] = children
-        return self._dirents(node, children, offset, size)
+        return self._dirents(node, children, offset, out)
 
-    def _dirents(self, node, children, offset, size):
-        if offset == 0:
+    def _dirents(self, node, children, offset, out):
+        if offset == 0 and out.plus:
             self.walk.listed(node, children)
-        out = proto.DirentPlusBuffer(size)
         for k in range(offset, len(children)):
             child = children[k]
             if not out.add(child.name, self._entry_attr(child), k + 1, TIMEOUT):
                 break
-            self._remember(child)
-            self._parents[self.inode_of(child)] = node
+            if out.plus:  # each entry of READDIRPLUS counts as a lookup
+                self._remember(child)
+                self._parents[self.inode_of(child)] = node
         return out.payload()
 
     def readlink(self, req):

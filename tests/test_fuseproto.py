@@ -83,7 +83,7 @@ def test_xattr_size_query():
 def test_direntplus_buffer_pads_names_and_stops_when_full():
     attr = proto.Attr(ino=9, mode=stat.S_IFLNK | 0o777)
     one = 128 + 24 + 8  # entry_out, dirent, a 5-byte name padded to 8
-    buf = proto.DirentPlusBuffer(2 * one + 10)
+    buf = proto.DirentBuffer(2 * one + 10)
     assert buf.add(b"link1", attr, 1, 60) and buf.add(b"link2", attr, 2, 60)
     assert not buf.add(b"link3", attr, 3, 60)
     data = buf.payload()
@@ -91,3 +91,11 @@ def test_direntplus_buffer_pads_names_and_stops_when_full():
     ino, off, namelen, kind = struct.unpack_from("<QQII", data, one + 128)
     assert (ino, off, namelen, kind) == (9, 2, 5, stat.S_IFLNK >> 12)
     assert data[one + 152:one + 160] == b"link2\0\0\0"
+
+
+def test_plain_dirents_have_no_entry_part():
+    attr = proto.Attr(ino=12, mode=stat.S_IFDIR | 0o755)
+    buf = proto.DirentBuffer(4096, plus=False)
+    assert buf.add(b"a-directory", attr, 1, 60)
+    assert buf.payload() == struct.pack("<QQII", 12, 1, 11, stat.S_IFDIR >> 12) + \
+        b"a-directory\0\0\0\0\0"
