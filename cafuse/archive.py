@@ -12,6 +12,8 @@ import stat
 from collections import deque
 from typing import Protocol
 
+import trio
+
 from . import catar
 from .errors import FormatError, NotFoundError
 
@@ -63,7 +65,12 @@ class Archive:
         for k in range(0, len(items), _LIST_BATCH):
             batch = items[k:k + _LIST_BATCH]
             await self.source.preload([(i.start, min(_NODE_WINDOW, i.size)) for i in batch])
-            out.extend([await self.child(item) for item in batch])
+            for item in batch:
+                out.append(await self.child(item))
+                # Reads served from memory never yield: let other tasks (a
+                # FUSE request waiting for this process) in now and then.
+                if len(out) % 32 == 0:
+                    await trio.lowlevel.checkpoint()
         return out
 
     async def lookup(self, directory: catar.Entry, name: bytes) -> catar.Entry | None:

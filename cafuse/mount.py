@@ -332,17 +332,25 @@ class TreeFS(_Base):
         if offset == 0 and size < entry.size <= SMALL_FILE:
             # The rest of a small file at once, while this read is served.
             self.prefetch(entry.payload + size, entry.size - size)
-        # One reader for the whole tree, in archive order: a walk (tar, cp -a)
-        # reads files in that order, so the chunks after the file being read
-        # are those of the next files, and the window runs across files.
-        return self._read_tree(req.nodeid, entry, entry.payload + offset, size)
+        start = entry.payload + offset
+        data = self.stream.read_cached(start, size)
+        if data is None:
+            return self._read_tree(req.nodeid, entry, start, size)
+        self._after_read(req.nodeid, entry, start, size)
+        return data
 
     async def _read_tree(self, node, entry, offset, size):
         with _errors_as_eio(f"read of bytes {offset}..{offset + size}"):
             data = await self.stream.read(offset, size)
+        self._after_read(node, entry, offset, size)
+        return data
+
+    def _after_read(self, node, entry, offset, size):
+        # One reader for the whole tree, in archive order: a walk (tar, cp -a)
+        # reads files in that order, so the chunks after the file being read
+        # are those of the next files, and the window runs across files.
         window = self._read_ahead("tree", offset, offset + size, self.stream.size, ARCHIVE_GAP)
         self.walk.read(self._parents.get(node), entry, offset, size, forward=window >= 2)
-        return data
 
     async def background(self):
         await self.walk.run()

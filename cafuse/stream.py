@@ -31,6 +31,22 @@ class IndexStream:
     def _wanted(self, chunks):
         return [(self.index.chunk_id(i), self.index.chunk_size(i)) for i in chunks]
 
+    def read_cached(self, offset: int, size: int) -> bytes | None:
+        """Bytes ``[offset, offset+size)`` if all their chunks are in memory,
+        else None: no await, for callers that can answer at once."""
+        span = self.index.span(offset, size)
+        parts = []
+        for i in span:
+            data = self.engine.peek(self.index.chunk_id(i))
+            if data is None:
+                return None
+            parts.append(data)
+        if not parts:
+            return b""
+        start = offset - self.index.start(span[0])
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        return data[start:start + size]
+
     async def read(self, offset: int, size: int) -> bytes:
         span = self.index.span(offset, size)
         if not span:

@@ -119,9 +119,14 @@ class WalkAhead:
 
     async def _step(self, nursery):
         if self._dirs and (not self._files or self._dirs[0][0] < self._files[0][0]):
+            # The walk lists this directory next: list it now, and fetch its
+            # files, to be pushed as soon as the walk has listed it too.
             directory = heapq.heappop(self._dirs)[2]
-            if node_of(directory) not in self.listings:
-                self.listings[node_of(directory)] = await self.archive.listdir(directory)
+            children = self.listings.get(node_of(directory))
+            if children is None:
+                children = await self.archive.listdir(directory)
+                self.listings[node_of(directory)] = children
+            nursery.start_soon(self._preload, _first_bytes(children, PUSH_BATCH * AHEAD))
             return
         batch = self._take()
         following = self._peek()
@@ -142,13 +147,8 @@ class WalkAhead:
 
     def _peek(self) -> list[tuple[int, int]]:
         """The byte ranges of the batches after that."""
-        ranges, total = [], 0
-        for _, _, entry in heapq.nsmallest(PUSH_FILES * AHEAD, self._files):
-            if total >= PUSH_BATCH * AHEAD:
-                break
-            ranges.append((entry.payload, entry.size))
-            total += entry.size
-        return ranges
+        following = [e for _, _, e in heapq.nsmallest(PUSH_FILES * AHEAD, self._files)]
+        return _first_bytes(following, PUSH_BATCH * AHEAD)
 
     async def _preload(self, ranges):
         try:
@@ -162,6 +162,7 @@ class WalkAhead:
         for run in _runs([e for e in batch if self.known(node_of(e))]):
             start = run[0].payload
             data = await self.stream.read(start, run[-1].payload + run[-1].size - start)
+            await trio.lowlevel.checkpoint()  # a FUSE request may be waiting
             view = memoryview(data)
             files.extend((e, view[e.payload - start:e.payload - start + e.size]) for e in run)
         await trio.to_thread.run_sync(self._store_all, files, limiter=self._storing)
@@ -177,6 +178,19 @@ class WalkAhead:
             else:
                 stored += 1
         log.debug("pushed %d of %d files ahead of a walk", stored, len(files))
+
+
+def _first_bytes(entries: list[Entry], budget: int) -> list[tuple[int, int]]:
+    """The byte ranges of the pushable files among ``entries``, in order,
+    until ``budget`` bytes."""
+    ranges, total = [], 0
+    for entry in entries:
+        if total >= budget:
+            break
+        if entry.payload is not None and 0 < entry.size <= PUSH_FILE_MAX:
+            ranges.append((entry.payload, entry.size))
+            total += entry.size
+    return ranges
 
 
 def _runs(files: list[Entry]) -> list[list[Entry]]:
