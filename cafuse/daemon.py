@@ -99,9 +99,10 @@ async def serve(request: MountRequest, ready) -> None:
             session = fusesession.Session(mount.fd, fs.handlers(), INIT_FLAGS)
             async with trio.open_nursery() as nursery:
                 fs.nursery, fs.session = nursery, session
-                nursery.start_soon(fs.background)
+                background = _Background(fs)
+                nursery.start_soon(background.run)
                 nursery.start_soon(inp.source.engine.maintain)
-                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                nursery.start_soon(_stop_on_signal, background, nursery.cancel_scope)
                 nursery.start_soon(raise_read_ahead, request.mountpoint, session)
                 ready()
                 await session.run()
@@ -112,10 +113,32 @@ async def serve(request: MountRequest, ready) -> None:
         await inp.aclose()
 
 
-async def _stop_on_signal(scope: trio.CancelScope):
+class _Background:
+    """The file system's own work (pushing pages ahead of a walk), stopped
+    before the session: a page push may wait for a READ of the same page,
+    which only a running session answers."""
+
+    def __init__(self, fs):
+        self.fs = fs
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+
+    async def run(self):
+        with self.scope:
+            await self.fs.background()
+        self.done.set()
+
+    async def stop(self, grace: float = 5.0):
+        self.scope.cancel()
+        with trio.move_on_after(grace):
+            await self.done.wait()
+
+
+async def _stop_on_signal(background: _Background, scope: trio.CancelScope):
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
+            await background.stop()
             scope.cancel()
             return
 

@@ -60,9 +60,9 @@ class Mount:
     def __init__(self, mountpoint: str, options: list[str]):
         self.mountpoint = mountpoint
         self.fd = _fusermount(mountpoint, options)
+        self.device = device_of(mountpoint) or "?"
         self._watchdog = subprocess.Popen(
-            [sys.executable, "-m", "cafuse.watchdog", mountpoint,
-             device_of(mountpoint) or "?"],
+            [sys.executable, "-m", "cafuse.watchdog", mountpoint, self.device],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
 
@@ -70,6 +70,7 @@ class Mount:
         """Unmount (lazily: files still open keep it until they close)."""
         subprocess.run(["fusermount3", "-u", "-z", "-q", "--", self.mountpoint],
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        self._abort()
         os.close(self.fd)
         try:
             self._watchdog.stdin.write(b"done")
@@ -77,6 +78,20 @@ class Mount:
         except OSError:
             pass
         self._watchdog.wait()
+
+
+    def _abort(self) -> None:
+        """Fail whatever requests are still pending (the kernel would wait
+        for them as long as anything holds the device open)."""
+        major, _, minor = self.device.partition(":")
+        if not minor.isdigit():
+            return
+        try:
+            with open(f"/sys/fs/fuse/connections/{os.makedev(int(major), int(minor))}/abort",
+                      "w") as f:
+                f.write("1")
+        except OSError:
+            pass  # no fusectl, or already gone: closing the device does it
 
 
 def _fusermount(mountpoint: str, options: list[str]) -> int:

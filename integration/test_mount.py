@@ -15,7 +15,7 @@ import pytest
 import oracle
 from command import CAFUSE
 from conftest import is_mounted, mounted, teardown_mount
-from servers import FaultServer
+from servers import FaultServer, Nginx
 from touch import sh, walk
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
@@ -66,6 +66,46 @@ def test_tar_of_a_mount_is_the_tree(tmp_path):
     assert {p: i.get("sha256") for p, i in oracle.walk_fs(out).items()} == \
         {p: i.get("sha256") for p, i in oracle.walk_fs(src).items()}
     assert "ahead of a walk" in log.read_text()
+
+
+def test_sigterm_during_a_walk_never_hangs(tmp_path):
+    """SIGTERM while tar reads a mount being pushed to: the mount process
+    ends within seconds and tar gets errors, never a hang (a page push can
+    wait for a READ of the same page, which only a live session answers)."""
+    rng = random.Random(7)
+    src = tmp_path / "src"
+    for d in range(40):
+        (src / f"d{d:02d}").mkdir(parents=True)
+        for i in range(60):
+            (src / f"d{d:02d}" / f"f{i:02d}").write_bytes(rng.randbytes(rng.choice([300, 30_000])))
+    www = tmp_path / "www"
+    www.mkdir()
+    oracle.make(www / "t.caidx", src, store=www / "store")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with Nginx(www, tmp_path / "nginx") as nginx:
+        for attempt in range(4):
+            proc = subprocess.Popen([CAFUSE, "mount", "--no-cache", "-s", f"{nginx.url}/store",
+                                     f"{nginx.url}/t.caidx", str(mnt)], stderr=subprocess.PIPE)
+            tar = None
+            try:
+                deadline = time.monotonic() + 30
+                while not is_mounted(mnt):
+                    assert time.monotonic() < deadline and proc.poll() is None
+                    time.sleep(0.02)
+                tar = subprocess.Popen(f"tar -C {mnt} -cf - . | wc -c", shell=True,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(0.1 + 0.1 * attempt)
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=20) == 0, proc.stderr.read()
+                tar.wait(timeout=60)
+                assert not is_mounted(mnt)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                teardown_mount(mnt)
+                if tar is not None and tar.poll() is None:
+                    tar.kill()
 
 
 def test_acls_and_capabilities_seen_by_tools(full, tmp_path):

@@ -1,7 +1,6 @@
 """Trees read through cafuse match what casync and the source tree say."""
 
 import hashlib
-import os
 import stat
 
 import pytest
