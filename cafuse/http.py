@@ -62,8 +62,8 @@ class _Connection:
     async def get(self, host: str, target: str, headers, max_body: int) -> Response:
         request = h11.Request(method="GET", target=target,
                               headers=[("Host", host), *headers])
-        await self._send(request)
-        await self._send(h11.EndOfMessage())
+        # One write for the head and the (empty) end of the message.
+        await self.stream.send_all(self.h11.send(request) + self.h11.send(h11.EndOfMessage()))
         response = await self._next_event()
         if not isinstance(response, h11.Response):
             raise HTTPError(f"unexpected reply {type(response).__name__}", True)
@@ -84,9 +84,6 @@ class _Connection:
             self.reused = True
             return True
         return False
-
-    async def _send(self, event):
-        await self.stream.send_all(self.h11.send(event))
 
     async def _next_event(self):
         while True:
