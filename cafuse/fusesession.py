@@ -2,15 +2,14 @@
 
 The kernel's FUSE device is read and written directly (the wire format is
 in fuseproto).  That gives the file system what pyfuse3 hides: the node id
-of every READ, so the kernel can be told never to send OPEN, FLUSH or
-RELEASE (it then keeps pages cached by itself), the open flags that let it
-cache directory listings, and a loop short enough that a metadata request
-costs about 20 us instead of 60 (docs/architecture.md).
+of every READ and READDIRPLUS, so it can decline OPEN and OPENDIR, after
+which the kernel sends no OPEN, FLUSH, RELEASE, OPENDIR or RELEASEDIR and
+keeps pages and listings itself; and a loop short enough that a metadata
+request costs about 20 us instead of 60 (docs/architecture.md).
 
 The mount is made by ``fusermount3``, which hands the device back through a
 socket (the ``_FUSE_COMMFD`` protocol that libfuse uses), so it works for
-root and for users alike.  OPEN and OPENDIR are for the file system to
-answer: ENOSYS to both lets the kernel keep pages and listings by itself.
+root and for users alike.
 """
 
 import errno
@@ -26,7 +25,7 @@ import trio
 
 from . import fuseproto as proto
 from .errors import CafuseError
-from .mountinfo import device_of
+from .mountinfo import abort_connection, device_of
 
 log = logging.getLogger("cafuse")
 
@@ -61,37 +60,31 @@ class Mount:
         self.mountpoint = mountpoint
         self.fd = _fusermount(mountpoint, options)
         self.device = device_of(mountpoint) or "?"
-        self._watchdog = subprocess.Popen(
-            [sys.executable, "-m", "cafuse.watchdog", mountpoint, self.device],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-m", "cafuse.watchdog", mountpoint, self.device,
+                 str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True)
+        except OSError as e:
+            self._watchdog = None
+            self.close()
+            raise CafuseError(f"{mountpoint}: cannot start the mount's watchdog: "
+                              f"{e.strerror}") from None
 
     def close(self) -> None:
         """Unmount (lazily: files still open keep it until they close)."""
         subprocess.run(["fusermount3", "-u", "-z", "-q", "--", self.mountpoint],
                        stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
-        self._abort()
+        abort_connection(self.device)
         os.close(self.fd)
-        try:
-            self._watchdog.stdin.write(b"done")
-            self._watchdog.stdin.close()
-        except OSError:
-            pass
-        self._watchdog.wait()
-
-
-    def _abort(self) -> None:
-        """Fail whatever requests are still pending (the kernel would wait
-        for them as long as anything holds the device open)."""
-        major, _, minor = self.device.partition(":")
-        if not minor.isdigit():
-            return
-        try:
-            with open(f"/sys/fs/fuse/connections/{os.makedev(int(major), int(minor))}/abort",
-                      "w") as f:
-                f.write("1")
-        except OSError:
-            pass  # no fusectl, or already gone: closing the device does it
+        if self._watchdog is not None:
+            try:
+                self._watchdog.stdin.write(b"done")
+                self._watchdog.stdin.close()
+            except OSError:
+                pass
+            self._watchdog.wait()
 
 
 def _fusermount(mountpoint: str, options: list[str]) -> int:
@@ -112,6 +105,7 @@ def _fusermount(mountpoint: str, options: list[str]) -> int:
             raise CafuseError(f"{mountpoint}: cannot mount: "
                               f"{lines[-1] if lines else 'fusermount3 failed'}")
         theirs.close()
+        ours.settimeout(60)
         _, fds, _, _ = socket.recv_fds(ours, 1, 1)
     if not fds:
         raise CafuseError(f"{mountpoint}: cannot mount: fusermount3 sent no device")
