@@ -63,7 +63,9 @@ class _Base:
         self.nursery: trio.Nursery | None = None  # set by the runner
         self.session = None                       # set by the runner
         self._prefetching = 0  # background prefetches running
-        # (node, fh) -> (next offset, window) of each sequential reader
+        # reader -> (where its last read ended, window in chunks, where the
+        # readahead issued so far ends); a blob's readers are (node, fh), a
+        # tree has one reader, "tree"
         self._sequential = cachetools.LRUCache(READERS)
 
     async def background(self) -> None:
@@ -97,18 +99,20 @@ class _Base:
         finally:
             self._prefetching -= 1
 
-    async def read_range(self, reader, offset: int, size: int, end: int, slack: int = 0):
+    async def read_range(self, reader, offset: int, size: int, end: int):
         """Bytes ``[offset, offset+size)`` of the stream, cut at ``end``, for
-        ``reader``; while its reads go forward (each starting at most
-        ``slack`` bytes after the last one ended), a readahead window of
-        following chunks, up to ``end``, doubles up to READAHEAD_MAX."""
+        ``reader``, with readahead (``_read_ahead``)."""
         size = max(0, min(size, end - offset))
         with _errors_as_eio(f"read of bytes {offset}..{offset + size}"):
             data = await self.stream.read(offset, size)
-        self._read_ahead(reader, offset, offset + size, end, slack)
+        self._read_ahead(reader, offset, offset + size, end, 0)
         return data
 
-    def _read_ahead(self, reader, start, stop, end, slack):
+    def _read_ahead(self, reader, start, stop, end, slack) -> int:
+        """While ``reader``'s reads go forward (each starting at most
+        ``slack`` bytes after the last one ended), a window of following
+        chunks, up to ``end``, is prefetched and doubles up to
+        READAHEAD_MAX; the window is returned."""
         last, window, frontier = self._sequential.get(reader, (None, 0, stop))
         if last is not None and last <= start <= last + slack:
             window = min(max(window * 2, 1), READAHEAD_MAX)
