@@ -2,11 +2,12 @@
 
 A walk of a mounted tree (tar, cp -a, rsync) lists each directory and reads
 its files in the order the archive holds them, so once a tree's reads move
-forward, what comes next is known: the rest of the directory being read,
-and the files and subdirectories of each directory the walk lists.  Those
-files are fetched in batches and written into the page cache with
-NOTIFY_STORE, and those subdirectories are listed before the walk asks:
-the walk then reads without a round trip to this process.
+forward, what comes next is known: the archive's next bytes, in order,
+and among them the rest of the directory being read and the files and
+subdirectories of each directory the walk lists.  The next 24 MiB are kept
+fetched; those files are written into the page cache with NOTIFY_STORE, in
+batches, and those subdirectories are listed before the walk asks: the
+walk then reads without a round trip to this process.
 
 The kernel accepts a store only for a node it knows, that is one it was
 told of by a listing or lookup; so a directory's files are pushed only
@@ -31,7 +32,8 @@ PUSH_FILE_MAX = 16 << 20     # larger files are left to readahead
 PUSH_BATCH = 4 << 20         # bytes fetched per round
 PUSH_FILES = 64              # files per round, at most
 PUSH_PIECE = 1 << 20         # bytes per NOTIFY_STORE
-AHEAD = 2                    # batches fetched while one is stored
+STREAM_AHEAD = 24 << 20      # archive bytes kept fetched ahead of a walk
+STREAM_RUN = 4 << 20         # fetched at a time
 RUN_GAP = 64 << 10           # files this close are read from the stream in one go
 
 
@@ -64,6 +66,9 @@ class WalkAhead:
         self._seq = itertools.count()
         self._wanted = trio.Event()
         self._storing = trio.CapacityLimiter(1)
+        self.position = 0             # how far into the archive the walk has got
+        self._fetched = 0             # the archive is fetched up to here for it
+        self._moved = trio.Event()
 
     def walking(self) -> bool:
         return trio.current_time() < self._until
@@ -75,15 +80,25 @@ class WalkAhead:
         self.read_end = offset + size
         if not forward:
             return
+        if not self.walking():  # a new walk, from here
+            self.position = self._fetched = offset + size
         self._until = trio.current_time() + WALK_SECONDS
+        self._advance(offset + size)
         children = self.listings.get(directory) if directory is not None else None
         if children is not None and directory not in self._queued:
             start = next((k for k, c in enumerate(children) if c.offset > entry.offset),
                          len(children))
             self._queue(directory, children[start:])
 
+    def _advance(self, offset: int) -> None:
+        if offset > self.position:
+            self.position = offset
+            self._moved.set()
+
     def listed(self, directory: int, children: list[Entry]) -> None:
         """The kernel just asked for the start of a directory's listing."""
+        if self.walking() and children:
+            self._advance(children[0].offset)
         if self.walking() and directory not in self._queued:
             self._until = trio.current_time() + WALK_SECONDS
             self._queue(directory, children)
@@ -98,41 +113,55 @@ class WalkAhead:
         self._wanted.set()
 
     async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._stream_ahead)
+            await self._run()
+
+    async def _stream_ahead(self):
+        """While a walk lasts, keep the archive's next STREAM_AHEAD bytes
+        fetched: listings and files alike come from them, in this order."""
+        while True:
+            start = max(self._fetched, self.position)
+            size = min(STREAM_RUN, self.stream.size - start,
+                       self.position + STREAM_AHEAD - start)
+            if not self.walking() or size <= 0:
+                await self._moved.wait()
+                self._moved = trio.Event()
+                continue
+            try:
+                await self.stream.preload([(start, size)])
+            except CafuseError:
+                pass  # whoever needs these bytes will say
+            self._fetched = start + size
+
+    async def _run(self) -> None:
         """Work through the queues in archive order while the walk lasts."""
         while True:
             await self._wanted.wait()
             self._wanted = trio.Event()
-            async with trio.open_nursery() as nursery:
-                while (self._files or self._dirs) and self.walking():
-                    try:
-                        await self._step(nursery)
-                    except CafuseError as e:
-                        log.info("running ahead of a walk: %s", e)
-                    except Exception as e:  # only an optimisation: never the mount's end
-                        log.error("running ahead of a walk failed: %r", e)
-                        self._until = 0.0
-                nursery.cancel_scope.cancel()
+            while (self._files or self._dirs) and self.walking():
+                try:
+                    await self._step()
+                except CafuseError as e:
+                    log.info("running ahead of a walk: %s", e)
+                except Exception as e:  # only an optimisation: never the mount's end
+                    log.error("running ahead of a walk failed: %r", e)
+                    self._until = 0.0
             if not self.walking():
                 self._files.clear()
                 self._dirs.clear()
                 self._queued.clear()
 
-    async def _step(self, nursery):
+    async def _step(self):
         if self._dirs and (not self._files or self._dirs[0][0] < self._files[0][0]):
-            # The walk lists this directory next: list it now, and fetch its
-            # files, to be pushed as soon as the walk has listed it too.
+            # The walk lists this directory next: list it now.
             directory = heapq.heappop(self._dirs)[2]
-            children = self.listings.get(node_of(directory))
-            if children is None:
-                children = await self.archive.listdir(directory)
-                self.listings[node_of(directory)] = children
-            nursery.start_soon(self._preload, _first_bytes(children, PUSH_BATCH * AHEAD))
+            if node_of(directory) not in self.listings:
+                self.listings[node_of(directory)] = await self.archive.listdir(directory)
             return
         batch = self._take()
-        following = self._peek()
-        if following:  # fetched while this batch is stored
-            nursery.start_soon(self._preload, following)
         if batch:
+            self._advance(batch[0].payload)
             await self._push(batch)
 
     def _take(self) -> list[Entry]:
@@ -144,17 +173,6 @@ class WalkAhead:
                 batch.append(entry)
                 total += entry.size
         return batch
-
-    def _peek(self) -> list[tuple[int, int]]:
-        """The byte ranges of the batches after that."""
-        following = [e for _, _, e in heapq.nsmallest(PUSH_FILES * AHEAD, self._files)]
-        return _first_bytes(following, PUSH_BATCH * AHEAD)
-
-    async def _preload(self, ranges):
-        try:
-            await self.stream.preload(ranges)
-        except CafuseError:
-            pass  # the push of this batch will say
 
     async def _push(self, batch):
         await self.stream.preload([(e.payload, e.size) for e in batch])
@@ -178,19 +196,6 @@ class WalkAhead:
             else:
                 stored += 1
         log.debug("pushed %d of %d files ahead of a walk", stored, len(files))
-
-
-def _first_bytes(entries: list[Entry], budget: int) -> list[tuple[int, int]]:
-    """The byte ranges of the pushable files among ``entries``, in order,
-    until ``budget`` bytes."""
-    ranges, total = [], 0
-    for entry in entries:
-        if total >= budget:
-            break
-        if entry.payload is not None and 0 < entry.size <= PUSH_FILE_MAX:
-            ranges.append((entry.payload, entry.size))
-            total += entry.size
-    return ranges
 
 
 def _runs(files: list[Entry]) -> list[list[Entry]]:
