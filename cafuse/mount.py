@@ -353,8 +353,8 @@ class TreeFS(_Base):
         # One reader for the whole tree, in archive order: a walk (tar, cp -a)
         # reads files in that order, so the chunks after the file being read
         # are those of the next files, and the window runs across files.
-        window = self._read_ahead("tree", offset, offset + size, self.stream.size, ARCHIVE_GAP)
-        self.walk.read(self._parents.get(node), entry, offset, size, forward=window >= 2)
+        self._read_ahead("tree", offset, offset + size, self.stream.size, ARCHIVE_GAP)
+        self.walk.read(self._parents.get(node), entry, offset, size)
 
     async def background(self):
         await self.walk.run()

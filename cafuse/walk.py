@@ -28,6 +28,8 @@ from .errors import CafuseError
 log = logging.getLogger("cafuse")
 
 WALK_SECONDS = 2.0           # a walk is over this long after its last sign
+WALK_FILES = 4               # files read in archive order, one after the other, make a walk
+WALK_GAP = 64 << 10          # bytes between them at most (records, goodbye tables)
 PUSH_FILE_MAX = 16 << 20     # larger files are left to readahead
 PUSH_BATCH = 4 << 20         # bytes fetched per round
 PUSH_FILES = 64              # files per round, at most
@@ -68,17 +70,25 @@ class WalkAhead:
         self._storing = trio.CapacityLimiter(1)
         self.position = 0             # how far into the archive the walk has got
         self._fetched = 0             # the archive is fetched up to here for it
+        self._last_file_end = -1      # where the file read last from its start ends
+        self._streak = 0              # files read in a row, each just after the last
         self._moved = trio.Event()
 
     def walking(self) -> bool:
         return trio.current_time() < self._until
 
-    def read(self, directory: int | None, entry: Entry, offset: int, size: int,
-             forward: bool) -> None:
-        """A tree read of ``entry`` (in ``directory``) ended at offset+size;
-        ``forward`` if the tree's reads are moving forward."""
+    def read(self, directory: int | None, entry: Entry, offset: int, size: int) -> None:
+        """A tree read of ``entry`` (in ``directory``): archive bytes
+        ``[offset, offset+size)``.  A walk is a run of WALK_FILES files,
+        each read from its start, each starting at most WALK_GAP bytes
+        after the one before ended: tar does that, a program loading a
+        few modules or libraries does not."""
         self.read_end = offset + size
-        if not forward:
+        if offset == entry.payload:
+            follows = 0 <= entry.payload - self._last_file_end <= WALK_GAP
+            self._streak = self._streak + 1 if follows else 0
+            self._last_file_end = entry.payload + entry.size
+        if self._streak < WALK_FILES:
             return
         if not self.walking():  # a new walk, from here
             self.position = self._fetched = offset + size

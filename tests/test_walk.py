@@ -2,11 +2,13 @@
 into the page cache, checked against the archive's own bytes."""
 
 import os
+from types import SimpleNamespace
 
 import trio
 
 from cafuse.catar import Entry
-from cafuse.walk import PUSH_FILE_MAX, RUN_GAP, WalkAhead, _runs, node_of
+from cafuse.walk import (PUSH_FILE_MAX, RUN_GAP, WALK_FILES, WALK_GAP, WalkAhead, _runs,
+                         node_of)
 
 from reading import open_made
 
@@ -21,6 +23,32 @@ def test_runs_group_neighbours_only():
     a, b, c = entry(1000, 10), entry(1010 + RUN_GAP, 5), entry(1015 + 2 * RUN_GAP + 1, 1)
     assert _runs([a, b, c]) == [[a, b], [c]]
     assert _runs([]) == []
+
+
+def start_walk(ahead, gap=0, size=0):
+    """Reads as tar makes them: whole files, each ``gap`` bytes after the
+    last (empty ones at offset 0 by default, which skips none of the
+    archive's files)."""
+    payload = 0
+    for _ in range(WALK_FILES + 1):
+        e = entry(payload, size)
+        ahead.read(None, e, e.payload, e.size)
+        payload += size + gap
+
+
+def test_what_makes_a_walk():
+    async def check():
+        ahead = WalkAhead(SimpleNamespace(source=None), {}, lambda node: True,
+                          lambda *a: True)
+        start_walk(ahead, gap=WALK_GAP + 1, size=10)  # modules here and there: no walk
+        assert not ahead.walking()
+        big = entry(1 << 30, 100 << 20)  # one big file read sequentially: no walk
+        for k in range(10):
+            ahead.read(None, big, big.payload + k * (1 << 20), 1 << 20)
+        assert not ahead.walking()
+        start_walk(ahead, gap=300, size=10)
+        assert ahead.walking()
+    trio.run(check)
 
 
 def walk_ahead(made, known=lambda node: True):
@@ -40,7 +68,7 @@ async def push_root(archive, ahead, listings, first_read: bool):
     root = await archive.root()
     listings[1] = children = await archive.listdir(root)
     if first_read:
-        ahead.read(None, children[0], 0, 0, forward=True)  # a walk is on
+        start_walk(ahead)
     ahead.listed(1, children)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ahead.run)
