@@ -242,15 +242,20 @@ class Session:
         self._error(req, errno.EIO)
 
     def _reply(self, req: proto.Request, payload: bytes) -> None:
-        self._write([proto.reply_header(req.unique, len(payload)), payload])
+        if not self._write([proto.reply_header(req.unique, len(payload)), payload]):
+            # The kernel refused the reply (EINVAL: a bug here): that one
+            # request fails, the mount goes on.
+            log.error("the kernel refused the reply to FUSE request %d", req.opcode)
+            self._error(req, errno.EIO)
 
     def _error(self, req: proto.Request, code: int) -> None:
         self._write([proto.reply_header(req.unique, 0, code)])
 
-    def _write(self, parts: list[bytes]) -> None:
+    def _write(self, parts: list[bytes]) -> bool:
+        """False if the kernel refused the message; a request that is gone
+        (interrupted, ENOENT) or a mount that is gone (ENODEV) is no error."""
         try:
             os.writev(self.fd, parts)
         except OSError as e:
-            # ENOENT: the request was interrupted and is gone; ENODEV: unmounted.
-            if e.errno not in (errno.ENOENT, errno.ENODEV):
-                raise
+            return e.errno in (errno.ENOENT, errno.ENODEV)
+        return True
