@@ -128,14 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "read; the archive's modes are enforced by the kernel.  Runs "
                      "in the foreground until SIGINT/SIGTERM or 'cafuse umount'.")
     mount.add_argument("-o", dest="fuse_options", action="append", default=[],
-                       metavar="OPTIONS", help="FUSE mount options, comma-separated "
-                       "(e.g. allow_other); ro and default_permissions are always set")
+                       metavar="OPTIONS", help="FUSE mount options for fusermount3, "
+                       "comma-separated (e.g. allow_other, which for users needs "
+                       "user_allow_other in /etc/fuse.conf); ro and "
+                       "default_permissions are always set")
     mount.add_argument("--background", action="store_true",
                        help="return once the mount is usable (exit 0), or with the "
                        "error (exit 1) leaving nothing mounted")
     mount.add_argument("--log-file", metavar="FILE",
                        help="where a background mount logs (default: nowhere)")
-    _add_sources(mount)
+    _add_sources(mount, index_help=".caidx or .caibx (path or http(s) URL)")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     mount.set_defaults(run=cmd_mount)
 
@@ -195,7 +197,7 @@ def _add_http(parser):
                        help="do not verify TLS certificates")
 
 
-def _add_sources(parser):
+def _add_sources(parser, index_help=".caidx or .caibx (path or http(s) URL), or a .catar file"):
     parser.add_argument("-s", "--store", action="append", default=[], metavar="STORE",
                         help="chunk store: directory or http(s) URL; repeat to try "
                         "several in order (default: $CASYNC_STORE, else default.castr "
@@ -209,8 +211,7 @@ def _add_sources(parser):
                         help="give up on a chunk after this long, all stores and "
                         "retries included (default: 60)")
     _add_http(parser)
-    parser.add_argument("index", metavar="INDEX",
-                        help=".caidx or .caibx (path or http(s) URL), or a .catar file")
+    parser.add_argument("index", metavar="INDEX", help=index_help)
 
 
 def http_options(args) -> HTTPOptions:
