@@ -102,7 +102,12 @@ class DiskCache:
                 return None
             pack, offset, size = row
             fd = self._reader(pack)
-        blob = os.pread(fd, CHECK_SIZE + size, offset) if fd is not None else b""
+            # Read under the lock: a prune in another thread closes the
+            # fds of the packs it deletes, and the number may be reused.
+            try:
+                blob = os.pread(fd, CHECK_SIZE + size, offset) if fd is not None else b""
+            except OSError as e:
+                raise CafuseError(f"cache directory {self.path}: {e.strerror}") from None
         data = blob[CHECK_SIZE:]
         if len(data) != size or blake3.blake3(data).digest() != blob[:CHECK_SIZE]:
             with self._lock:
