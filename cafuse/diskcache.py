@@ -109,9 +109,10 @@ class DiskCache:
             except OSError as e:
                 raise CafuseError(f"cache directory {self.path}: {e.strerror}") from None
         data = blob[CHECK_SIZE:]
-        if len(data) != size or blake3.blake3(data).digest() != blob[:CHECK_SIZE]:
+        if len(data) != size or _check(chunk_id, data) != blob[:CHECK_SIZE]:
             with self._lock:
                 self._query("DELETE FROM chunk WHERE id = ? AND pack = ?", (chunk_id, pack))
+                self._forget(pack)  # the fd may be of a deleted pack whose id came back
             return None
         self._touch(pack)
         return data
@@ -134,7 +135,7 @@ class DiskCache:
         Rows are committed in batches (a commit per chunk would cost more
         than the write); until then this process finds them in ``_pending``.
         """
-        record = blake3.blake3(data).digest() + data
+        record = _check(chunk_id, data) + data
         with self._lock:
             pack, fd, offset = self._writer()
             try:
@@ -169,11 +170,15 @@ class DiskCache:
             alive = self._query("UPDATE pack SET bytes = ?, used = ? WHERE id = ?",
                                 (end, time.time(), pack)).rowcount
             rows = [row for row in rows if alive or row[1] != pack]
-            self._db.executemany("INSERT OR IGNORE INTO chunk VALUES (?, ?, ?, ?)", rows)
+            try:
+                self._db.executemany("INSERT OR IGNORE INTO chunk VALUES (?, ?, ?, ?)", rows)
+            except sqlite3.Error as e:
+                raise CafuseError(f"cache index {self.path}: {e}") from None
             total = self._query("SELECT COALESCE(SUM(bytes), 0) FROM pack").fetchone()[0]
             self._query("COMMIT")
         except BaseException:
-            self._query("ROLLBACK")
+            if self._db.in_transaction:
+                self._query("ROLLBACK")
             raise
         if not alive:  # another process pruned our pack: start a new one
             self._forget(pack)
@@ -223,7 +228,8 @@ class DiskCache:
                 self._query("DELETE FROM pack WHERE id = ?", (pack,))
             self._query("COMMIT")
         except BaseException:
-            self._query("ROLLBACK")
+            if self._db.in_transaction:
+                self._query("ROLLBACK")
             raise
         for pack in doomed:
             self._forget(pack)
@@ -244,7 +250,13 @@ class DiskCache:
         pack = self._query("INSERT INTO pack (bytes, used) VALUES (0, ?)",
                            (time.time(),)).lastrowid
         try:
-            fd = os.open(self._pack_file(pack), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                fd = os.open(self._pack_file(pack), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             0o644)
+            except FileExistsError:  # left by a prune that died before its unlink
+                os.unlink(self._pack_file(pack))
+                fd = os.open(self._pack_file(pack), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             0o644)
         except OSError as e:
             self._query("DELETE FROM pack WHERE id = ?", (pack,))
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -283,10 +295,19 @@ class DiskCache:
     def _query(self, sql, args=()):
         try:
             return self._db.execute(sql, args)
-        except sqlite3.OperationalError as e:
+        except sqlite3.Error as e:
             if "disk" in str(e) or "full" in str(e):
                 raise DiskFull(f"cache directory {self.path}: {e}") from None
             raise CafuseError(f"cache index {self.path}: {e}") from None
+
+
+def _check(chunk_id: bytes, data: bytes) -> bytes:
+    """A record's check: BLAKE3 of the chunk id and the data, so that bytes
+    read through a stale descriptor, or at the offset of another chunk, can
+    never pass for this chunk."""
+    h = blake3.blake3(chunk_id)
+    h.update(data)
+    return h.digest()
 
 
 def _reason(error):

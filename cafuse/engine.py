@@ -12,6 +12,7 @@ raises ChunkError naming the chunk and what each store said.
 
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -291,7 +292,7 @@ class ChunkEngine:
             return None
         try:
             return getattr(disk, method)(*args)
-        except CafuseError as e:
+        except (CafuseError, OSError, sqlite3.Error) as e:
             with self._disk_lock:  # several worker threads may fail at once
                 if self.disk is disk:
                     self.disk = None

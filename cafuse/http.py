@@ -79,7 +79,9 @@ class _Connection:
         return Response(response.status_code, response.headers, bytes(body))
 
     def reusable(self) -> bool:
-        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+        # Bytes after the response are no next response: never reuse then.
+        if (self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+                and not self.h11.trailing_data[0]):
             self.h11.start_next_cycle()
             self.reused = True
             return True
@@ -90,6 +92,8 @@ class _Connection:
             event = self.h11.next_event()
             if event is h11.NEED_DATA:
                 data = await self.stream.receive_some(_READ_SIZE)
+                if not data and self.h11.their_state is h11.SEND_RESPONSE:
+                    raise _Closed()  # closed before answering: an idle connection timed out
                 self.h11.receive_data(data)
                 continue
             if isinstance(event, h11.ConnectionClosed):
@@ -138,25 +142,29 @@ class Client:
         raises HTTPError."""
         target = f"{self.base_path}/{path}"
         async with self._slots:
-            for _ in range(2):
-                conn = self._idle.pop() if self._idle else await self._connect()
-                try:
-                    response = await conn.get(self.host_header, target,
-                                              self.headers, self.max_body)
-                except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError,
-                        OSError, h11.ProtocolError) as e:
-                    await _close_quietly(conn)
-                    if conn.reused and isinstance(e, (_Closed, trio.BrokenResourceError)):
-                        continue  # a stale keep-alive connection: try a fresh one
-                    raise HTTPError(f"{self.url(path)}: {_describe(e)}", True) from None
-                except BaseException:
-                    await _close_quietly(conn)
-                    raise
-                if conn.reusable():
-                    self._idle.append(conn)
-                else:
-                    await _close_quietly(conn)
-                return response
+            return await self._get(path, target)
+
+    async def _get(self, path: str, target: str) -> Response:
+        for attempt in range(2):
+            # After a stale idle connection, the others are likely stale too.
+            conn = self._idle.pop() if self._idle and not attempt else await self._connect()
+            try:
+                response = await conn.get(self.host_header, target,
+                                          self.headers, self.max_body)
+            except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError,
+                    OSError, h11.ProtocolError) as e:
+                await _close_quietly(conn)
+                if conn.reused and isinstance(e, (_Closed, trio.BrokenResourceError)):
+                    continue  # a stale keep-alive connection: try a fresh one
+                raise HTTPError(f"{self.url(path)}: {_describe(e)}", True) from None
+            except BaseException:
+                await _close_quietly(conn)
+                raise
+            if conn.reusable():
+                self._idle.append(conn)
+            else:
+                await _close_quietly(conn)
+            return response
         raise HTTPError(f"{self.url(path)}: connection closed by the server", True)
 
     async def _connect(self) -> _Connection:

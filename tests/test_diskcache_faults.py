@@ -1,0 +1,73 @@
+"""Disk cache faults found in review: pack ids reused after a prune, a
+prune that died before its unlink, a corrupt index."""
+
+import hashlib
+
+import pytest
+from cafuse.diskcache import DiskCache
+from cafuse.errors import CafuseError
+
+
+def cid(data):
+    return hashlib.sha256(data).digest()
+
+
+def test_pack_id_reuse_never_serves_wrong_bytes(tmp_path):
+    # A: a mount; B: `cafuse cache prune --max-size 0` in another process.
+    old, new = b"A" * 4096, b"B" * 4096          # same size (e.g. max-size chunks)
+    x = DiskCache(str(tmp_path), 1 << 30)         # another mount wrote pack 1
+    x.put(cid(old), old); x.close()
+    a = DiskCache(str(tmp_path), 1 << 30)
+    assert a.get(cid(old)) == old                 # A caches a read fd for pack 1
+    b = DiskCache(str(tmp_path), 1 << 30)
+    b.prune(0)                                    # pack 1 deleted, rows gone
+    b.close()
+    a.put(cid(new), new); a.flush()               # new pack gets id 1 again
+    got = a.get(cid(new))
+    assert got in (None, new), f"served {got[:4]!r}... for chunk of {new[:4]!r}..."
+
+
+def test_a_full_index_is_a_cache_error(tmp_path):
+    c = DiskCache(str(tmp_path), 1 << 30)
+    c._db.execute("PRAGMA max_page_count = %d" % c._db.execute("PRAGMA page_count").fetchone()[0])
+    try:
+        for i in range(2000):
+            d = i.to_bytes(4, "big") * 64
+            c.put(cid(d), d)
+        c.flush()
+    except Exception as e:
+        assert isinstance(e, CafuseError)   # the engine only catches CafuseError
+    else:
+        pytest.fail("no error")
+
+
+def test_a_corrupt_index_is_a_cache_error(tmp_path):
+    c = DiskCache(str(tmp_path), 1 << 30)
+    for i in range(3000):
+        d = i.to_bytes(4, "big") * 8
+        c.put(cid(d), d)
+    c.close()
+    path = tmp_path / "index.sqlite"
+    raw = bytearray(path.read_bytes())
+    for k in range(4096 * 2, len(raw), 4096):    # scribble over every page but the first two
+        raw[k:k + 64] = b"\xff" * 64
+    path.write_bytes(raw)
+    c = DiskCache(str(tmp_path), 1 << 30)
+    try:
+        c.present([cid((i).to_bytes(4, "big") * 8) for i in range(3000)])
+    except Exception as e:
+        assert isinstance(e, CafuseError)        # engine._disk_call only catches CafuseError
+
+
+def test_a_prune_that_died_before_its_unlink_does_not_disable_the_cache(tmp_path):
+    c = DiskCache(str(tmp_path), 1 << 30)
+    d = b"x" * 100
+    c.put(cid(d), d); c.close()
+    pack = tmp_path / "packs" / "1.pack"
+    saved = pack.read_bytes()
+    c = DiskCache(str(tmp_path), 1 << 30); c.prune(0); c.close()
+    pack.write_bytes(saved)                       # the unlink never happened (crash)
+    for _ in range(2):                            # every later process
+        c = DiskCache(str(tmp_path), 1 << 30)
+        c.put(cid(d), d)                          # CafuseError: File exists -> engine drops the cache
+        c.close()

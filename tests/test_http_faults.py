@@ -1,0 +1,79 @@
+"""HTTP client faults found in review: stale keep-alive connections,
+bytes after a response."""
+import trio
+from cafuse.http import Client
+from cafuse.store import HTTPOptions, fetch_with_retries
+
+RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def serve(nursery, handler):
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, handler, listeners)
+    return f"http://127.0.0.1:{port}"
+
+
+async def read_request(stream):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = await stream.receive_some(65536)
+        if not data:
+            return None
+        buf += data
+    return buf
+
+
+async def one_then_close(stream):
+    """Serve one request per connection, keep-alive advertised, then close
+    (what a server's keep-alive timeout does to an idle connection)."""
+    if await read_request(stream):
+        await stream.send_all(RESP)
+    await trio.sleep(0.05)
+    await stream.aclose()
+
+
+async def test_stale_keepalive_is_retried():
+    async with trio.open_nursery() as n:
+        url = await serve(n, one_then_close)
+        c = Client(url)
+        assert (await c.get("a")).body == b"ok"
+        await trio.sleep(0.2)                      # server closed the idle connection
+        assert (await c.get("b")).body == b"ok"    # must retry on a fresh connection
+        n.cancel_scope.cancel()
+
+
+async def test_many_stale_idle_connections():
+    async with trio.open_nursery() as n:
+        url = await serve(n, one_then_close)
+        c = Client(url, max_connections=8)
+        async with trio.open_nursery() as m:      # fill the pool with 8 idle connections
+            for k in range(8):
+                m.start_soon(c.get, f"x{k}")
+        await trio.sleep(0.2)                      # all 8 closed by the server
+        opts = HTTPOptions(retries=3, backoff=0.01)
+        assert await fetch_with_retries(c, "y", opts, missing_ok=False) == (b"ok", True)
+        n.cancel_scope.cancel()
+
+
+async def slow_server(stream):
+    while await read_request(stream):
+        await trio.sleep(0.2)                      # every answer takes 0.2 s
+        await stream.send_all(RESP)
+
+
+async def test_bytes_after_a_response_are_not_read_as_the_next_response():
+    async def extra(stream):
+        await read_request(stream)
+        # a buggy server/proxy: one response too many (or a body longer than its Content-Length)
+        await stream.send_all(RESP + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG")
+        await read_request(stream)
+        await trio.sleep(1)
+    async with trio.open_nursery() as n:
+        url = await serve(n, extra)
+        c = Client(url)
+        assert (await c.get("index.caidx")).body == b"ok"
+        await trio.sleep(0.1)
+        body = (await c.get("other.caidx")).body
+        n.cancel_scope.cancel()
+    assert body != b"WRONG", "the second request got the first one's stray bytes as its response"
