@@ -50,7 +50,6 @@ async def raise_read_ahead(mountpoint: str, session: fusesession.Session) -> Non
     without it the default stays.  The kernel sets the read-ahead when it
     processes the FUSE INIT reply, so this waits until that is done."""
     await session.initialized.wait()
-    await trio.sleep(0.1)
     device = device_of(mountpoint)
     try:
         with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:

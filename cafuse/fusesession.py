@@ -190,6 +190,9 @@ class Session:
         handler = self.handlers.get(req.opcode)
         if req.opcode == proto.INIT:
             self._reply(req, self._init(req))
+            # The kernel applies the reply while we write it: from here on
+            # the mount's settings (its bdi read-ahead) are final.
+            self.initialized.set()
             return
         if handler is None:
             if req.opcode not in proto.NO_REPLY:
@@ -224,7 +227,6 @@ class Session:
         if major != proto.MAJOR or minor < 26:
             log.error("kernel FUSE protocol %d.%d is too old (7.26 needed)", major, minor)
             raise CafuseError(f"unsupported kernel FUSE protocol {major}.{minor}")
-        self.initialized.set()
         return proto.init_out(minor, max_readahead, flags, self.init_flags)
 
     def store(self, nodeid: int, offset: int, data: bytes) -> bool:

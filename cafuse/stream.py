@@ -48,14 +48,10 @@ class IndexStream:
         return data[start:start + size]
 
     async def read(self, offset: int, size: int) -> bytes:
+        data = self.read_cached(offset, size)  # the common case: all in memory
+        if data is not None:
+            return data
         span = self.index.span(offset, size)
-        if not span:
-            return b""
-        if len(span) == 1:  # the common small read: straight from memory if there
-            data = self.engine.peek(self.index.chunk_id(span[0]))
-            if data is not None:
-                start = offset - self.index.start(span[0])
-                return data[start:start + size]
         parts = await self.engine.get_many(self._wanted(span))
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         start = offset - self.index.start(span[0])
