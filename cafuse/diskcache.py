@@ -5,7 +5,7 @@ on this kind of machine, more than fetching and decoding the chunk.  So
 chunks are appended to pack files and found through an SQLite index:
 
     <dir>/index.sqlite          chunk(id, pack, offset, size); pack(id, bytes, used)
-    <dir>/packs/<pack id>.pack  records of BLAKE3(data) (32 bytes) + data
+    <dir>/packs/<pack id>.pack  records of BLAKE3(chunk id + data) (32 bytes) + data
 
 Each process appends only to packs it created, so appends never interleave.
 A record becomes visible to other processes once its row is committed
