@@ -181,7 +181,8 @@ def _add_cache_dir(parser):
 def _add_http(parser):
     group = parser.add_argument_group("HTTP(S) stores and index URLs")
     group.add_argument("--timeout", type=SECONDS, default=10.0, metavar="SECONDS",
-                       help="deadline of one HTTP request (default: 10)")
+                       help="deadline of one HTTP request, counted once it has "
+                       "a connection (default: 10)")
     group.add_argument("--retries", type=COUNT, default=3, metavar="N",
                        help="tries again after connection errors, timeouts, 5xx "
                        "and 429, with exponential back-off (default: 3)")

@@ -139,11 +139,14 @@ class DiskCache:
         with self._lock:
             pack, fd, offset = self._writer()
             try:
-                os.pwrite(fd, record, offset)
+                written = os.pwrite(fd, record, offset)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise DiskFull(f"cache directory {self.path}: {e.strerror}") from None
                 raise CafuseError(f"cache directory {self.path}: {e.strerror}") from None
+            if written != len(record):  # the file system ran out of room midway
+                raise DiskFull(f"cache directory {self.path}: short write "
+                               f"({written} of {len(record)} bytes)")
             self._writing = (pack, fd, offset + len(record))
             self._pending[chunk_id] = (pack, offset, len(data))
             if len(self._pending) >= _BATCH or self.flush_due():
@@ -173,7 +176,7 @@ class DiskCache:
             try:
                 self._db.executemany("INSERT OR IGNORE INTO chunk VALUES (?, ?, ?, ?)", rows)
             except sqlite3.Error as e:
-                raise CafuseError(f"cache index {self.path}: {e}") from None
+                raise self._index_error(e) from None
             total = self._query("SELECT COALESCE(SUM(bytes), 0) FROM pack").fetchone()[0]
             self._query("COMMIT")
         except BaseException:
@@ -202,15 +205,19 @@ class DiskCache:
             return self._prune(max_bytes)
 
     def close(self) -> None:
+        """Commit the pending rows and release files and index, even when
+        the commit fails (then those rows are lost, and raised about)."""
         with self._lock:
-            self._flush()
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-            if self._writing is not None:
-                os.close(self._writing[1])
-                self._writing = None
-            self._db.close()
+            try:
+                self._flush()
+            finally:
+                for fd in self._fds.values():
+                    os.close(fd)
+                self._fds.clear()
+                if self._writing is not None:
+                    os.close(self._writing[1])
+                    self._writing = None
+                self._db.close()
 
     def _prune(self, max_bytes):
         self._query("BEGIN IMMEDIATE")
@@ -296,9 +303,12 @@ class DiskCache:
         try:
             return self._db.execute(sql, args)
         except sqlite3.Error as e:
-            if "disk" in str(e) or "full" in str(e):
-                raise DiskFull(f"cache directory {self.path}: {e}") from None
-            raise CafuseError(f"cache index {self.path}: {e}") from None
+            raise self._index_error(e) from None
+
+    def _index_error(self, error: sqlite3.Error) -> CafuseError:
+        if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return DiskFull(f"cache directory {self.path}: {error}")
+        return CafuseError(f"cache index {self.path}: {error}")
 
 
 def _check(chunk_id: bytes, data: bytes) -> bytes:

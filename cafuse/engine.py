@@ -2,14 +2,16 @@
 
 Order of search: the memory LRU, the disk cache, seeds, then the stores in
 the order given.  Only chunks from remote stores are written to the disk
-cache; seeds and local stores are close enough.  Every chunk from a seed or store is verified against its
-id before it is cached or returned.  Concurrent requests for one chunk share
-one load.  A store that fails (after its own retries) is set aside for a
-back-off period, so one dead mirror costs one deadline, not one per chunk;
-it is tried again when the period ends.  A chunk that no source can deliver
+cache; seeds and local stores are close enough.  Every chunk from a seed or
+store is verified against its id before it is cached or returned.
+Concurrent requests for one chunk share one load.  A store that looks down
+(after its own retries) is set aside for a back-off period while another
+store is left, so one dead mirror costs one deadline, not one per chunk; it
+is tried again when the period ends.  A chunk that no source can deliver
 raises ChunkError naming the chunk and what each store said.
 """
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -22,12 +24,14 @@ import cachetools
 import trio
 
 from . import chunk
-from .diskcache import DiskCache
+from .diskcache import DiskCache, DiskFull
 from .errors import CafuseError, ChunkError, single_errors
 
 log = logging.getLogger("cafuse")
 
 DEFAULT_MEMORY_BYTES = 64 << 20
+DISK_FAILURES = 3    # failed disk cache calls in a row before going on without it
+DISK_WARN_EVERY = 60.0  # seconds between warnings about the disk cache
 # Worker threads for decoding, hashing and cache I/O: one per core.  More
 # only adds contention (prefetch from nginx: 2.05 s with 2, 2.5 s with 4).
 CORES = len(os.sched_getaffinity(0))
@@ -46,9 +50,40 @@ class _StoreState:
     def __init__(self, store):
         self.store = store
         self.down_until = 0.0
+        self._fetches: set[trio.CancelScope] = set()
 
     def available(self) -> bool:
         return self.down_until <= time.monotonic()
+
+    @contextlib.contextmanager
+    def fetching(self):
+        """A scope for one fetch from this store, cancelled if the store is
+        set aside meanwhile."""
+        scope = trio.CancelScope()
+        self._fetches.add(scope)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self._fetches.discard(scope)
+
+    def set_aside(self, seconds: float) -> None:
+        """Skip this store for ``seconds``; fetches waiting on it (for a
+        connection, or for an answer) give up now."""
+        self.down_until = time.monotonic() + seconds
+        for scope in self._fetches:
+            scope.cancel()
+
+
+class _Shared:
+    """A load of one chunk that other demand readers wait for; ``data`` is
+    the chunk once loaded (kept for them even when it is too large for the
+    memory LRU)."""
+    __slots__ = ("done", "data")
+
+    def __init__(self):
+        self.done = trio.Event()
+        self.data = None
 
 
 class ChunkEngine:
@@ -68,9 +103,11 @@ class ChunkEngine:
         self._near_stores, self._far_stores = states[:split], states[split:]
         self._memory = cachetools.LRUCache(memory_bytes, getsizeof=len) \
             if memory_bytes else None
-        self._loading: dict[bytes, trio.Event] = {}
+        self._loading: dict[bytes, _Shared] = {}
         self._limiter = trio.CapacityLimiter(threads)
         self._disk_lock = threading.Lock()
+        self._disk_failures = 0
+        self._disk_warned = -DISK_WARN_EVERY
 
     async def get(self, chunk_id: bytes, size: int, remember: bool = True) -> bytes:
         """The verified chunk; ``remember=False`` keeps it out of the memory
@@ -93,13 +130,13 @@ class ChunkEngine:
             if results[k] is not None:
                 continue
             if remember and cid in self._loading:
-                theirs.append(k)
+                theirs.append((k, self._loading[cid]))
             elif cid in mine:
                 mine[cid].append(k)
             else:
                 mine[cid] = [k]
                 if remember:
-                    self._loading[cid] = trio.Event()
+                    self._loading[cid] = _Shared()
         try:
             if mine:
                 await self._load(wanted, mine, results)
@@ -111,16 +148,17 @@ class ChunkEngine:
                         self._remember(cid, results[ks[0]])
         finally:
             if remember:
-                for cid in mine:
-                    self._loading.pop(cid).set()
-        for k in theirs:
-            cid = wanted[k][0]
-            event = self._loading.get(cid)
-            if event is not None:
-                await event.wait()
-            data = self._from_memory(cid)
-            if data is None:
+                for cid, ks in mine.items():
+                    shared = self._loading.pop(cid)
+                    shared.data = results[ks[0]]
+                    shared.done.set()
+        for k, shared in theirs:
+            await shared.done.wait()
+            data = shared.data
+            if data is None:  # that load failed: try again, and say why
                 data = (await self.get_many([wanted[k]], remember))[0]
+            else:
+                self._account("memory", data, 0)
             results[k] = data
         return results
 
@@ -257,7 +295,11 @@ class ChunkEngine:
                     found = await trio.to_thread.run_sync(state.store.load, chunk_id,
                                                           limiter=self._limiter)
                 else:
-                    found = await state.store.fetch(chunk_id)
+                    with state.fetching() as scope:
+                        found = await state.store.fetch(chunk_id)
+                    if scope.cancelled_caught:
+                        problems.append(f"{state.store} set aside after errors")
+                        continue
             except CafuseError as e:
                 self._set_aside(state, e)
                 problems.append(str(e))
@@ -285,22 +327,59 @@ class ChunkEngine:
         self._disk_call("put", chunk_id, data)
 
     def _disk_call(self, method, *args):
-        """A disk cache call; on any failure (a full disk, a broken index)
-        the engine goes on without the cache, after one warning."""
+        """A disk cache call (in a worker thread); a failure is a miss, or
+        a chunk not cached."""
         disk = self.disk
         if disk is None:
             return None
         try:
-            return getattr(disk, method)(*args)
+            result = getattr(disk, method)(*args)
         except (CafuseError, OSError, sqlite3.Error) as e:
-            with self._disk_lock:  # several worker threads may fail at once
-                if self.disk is disk:
-                    self.disk = None
-                    log.warning("%s; going on without the disk cache", e)
+            self._disk_failed(disk, e)
             return None
+        self._disk_failures = 0
+        return result
+
+    def _disk_failed(self, disk, error):
+        """A full disk only keeps new chunks out of the cache; any other
+        failure is forgiven until DISK_FAILURES come in a row (a broken
+        index, a vanished directory), when the engine closes the cache and
+        goes on without it."""
+        with self._disk_lock:  # several worker threads may fail at once
+            if self.disk is not disk:
+                return
+            if isinstance(error, DiskFull):
+                self._warn_about_disk(f"{error}; new chunks are not cached")
+                return
+            self._disk_failures += 1
+            if self._disk_failures < DISK_FAILURES:
+                self._warn_about_disk(str(error))
+                return
+            self.disk = None
+        log.warning("%s; going on without the disk cache", error)
+        try:
+            disk.close()
+        except (CafuseError, OSError, sqlite3.Error):
+            pass  # it is broken: that is why it is closed
+
+    def _warn_about_disk(self, message):
+        now = time.monotonic()
+        if now - self._disk_warned >= DISK_WARN_EVERY:
+            self._disk_warned = now
+            log.warning("%s", message)
 
     def _set_aside(self, state, error):
-        state.down_until = time.monotonic() + self.backoff
+        """After ``error`` (its own retries spent), skip a store that looks
+        down (no connection, timeouts, 5xx) for a while, so a dead mirror
+        costs one deadline, not one per chunk.  An answer about one chunk
+        (a 403, a body too large) says nothing of the others; and the last
+        store left is never skipped: there is nothing to skip to, and its
+        next answer may well be a good one."""
+        if not getattr(error, "retryable", False):
+            return
+        if not any(other.available() for other in self._far_stores if other is not state):
+            return
+        state.set_aside(self.backoff)
         log.warning("%s; setting store %s aside for %g s", error, state.store, self.backoff)
 
     def _account(self, source, data, raw_size):

@@ -7,6 +7,7 @@ This module keeps only what chunk fetching needs: GET, keep-alive
 connections per origin, TLS, extra headers, a bounded body size.
 """
 
+import math
 import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -114,7 +115,7 @@ class Client:
     ``max_connections`` bounds the connections, and so the requests in
     flight.  A request on a reused connection that the server had already
     closed is retried once on a fresh one; any other failure raises
-    HTTPError.  Callers put deadlines around calls (trio.fail_after).
+    HTTPError.
     """
 
     def __init__(self, base_url: str, max_connections: int = 8,
@@ -137,12 +138,16 @@ class Client:
     def url(self, path: str) -> str:
         return f"{self.scheme}://{self.host_header}{self.base_path}/{path}"
 
-    async def get(self, path: str) -> Response:
+    async def get(self, path: str, timeout: float = math.inf) -> Response:
         """GET ``<base>/<path>``; any status is returned, transport trouble
-        raises HTTPError."""
+        raises HTTPError.  ``timeout`` bounds the request from the moment
+        it has a connection: the wait for one is not counted, as hundreds
+        of queued chunk requests on a slow link are no sign of trouble."""
         target = f"{self.base_path}/{path}"
         async with self._slots:
-            return await self._get(path, target)
+            with trio.move_on_after(timeout):
+                return await self._get(path, target)
+        raise HTTPError(f"{self.url(path)}: no answer within {timeout:g} s", True)
 
     async def _get(self, path: str, target: str) -> Response:
         for attempt in range(2):
@@ -172,7 +177,11 @@ class Client:
             if self._tls is not None:
                 stream = await trio.open_ssl_over_tcp_stream(
                     self.hostname, self.port, ssl_context=self._tls)
-                await stream.do_handshake()
+                try:
+                    await stream.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
             else:
                 stream = await trio.open_tcp_stream(self.hostname, self.port)
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as e:

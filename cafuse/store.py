@@ -94,11 +94,7 @@ async def fetch_with_retries(client: Client, path: str, options: HTTPOptions,
     delay, attempt = options.backoff, 0
     while True:
         try:
-            with trio.fail_after(options.timeout):
-                response = await client.get(path)
-        except trio.TooSlowError:
-            error = HTTPError(f"{client.url(path)}: no answer within "
-                              f"{options.timeout:g} s", True)
+            response = await client.get(path, options.timeout)
         except HTTPError as e:
             error = e
         else:

@@ -117,7 +117,7 @@ class FaultServer:
             def do_GET(self):
                 server.handle(self)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
@@ -175,6 +175,13 @@ class FaultServer:
                 h.wfile.flush()
             return
         h.wfile.write(body)
+
+
+class _Server(ThreadingHTTPServer):
+    # socketserver's listen backlog of 5 drops the SYNs of a client that
+    # opens 16 connections at once: each then waits a second to resend,
+    # longer than the short timeouts the fault tests use.
+    request_queue_size = 128
 
 
 def self_signed(where: Path) -> tuple[Path, Path]:

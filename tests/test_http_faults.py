@@ -1,5 +1,5 @@
 """HTTP client faults found in review: stale keep-alive connections,
-bytes after a response."""
+bytes after a response, a timeout that counted the wait for a connection."""
 import trio
 from cafuse.http import Client
 from cafuse.store import HTTPOptions, fetch_with_retries
@@ -60,6 +60,24 @@ async def slow_server(stream):
     while await read_request(stream):
         await trio.sleep(0.2)                      # every answer takes 0.2 s
         await stream.send_all(RESP)
+
+
+async def test_the_timeout_does_not_count_the_wait_for_a_connection():
+    # One connection, answers in 0.2 s, a 0.5 s timeout: the fourth request
+    # waits 0.6 s for the connection, then gets its answer in time.
+    async with trio.open_nursery() as n:
+        url = await serve(n, slow_server)
+        c = Client(url, max_connections=1)
+        opts = HTTPOptions(timeout=0.5, retries=0)
+        got = []
+
+        async def fetch(k):
+            got.append(await fetch_with_retries(c, f"c{k}", opts, missing_ok=False))
+        async with trio.open_nursery() as m:
+            for k in range(4):
+                m.start_soon(fetch, k)
+        assert got == [(b"ok", True)] * 4
+        n.cancel_scope.cancel()
 
 
 async def test_bytes_after_a_response_are_not_read_as_the_next_response():

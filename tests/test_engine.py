@@ -1,0 +1,176 @@
+"""The chunk engine's rules, with stores and a disk cache that misbehave on
+cue: when a store is set aside, when the disk cache is given up, and that
+one load of a chunk serves every reader waiting for it."""
+
+import hashlib
+import math
+
+import pytest
+import trio
+
+from cafuse.diskcache import DiskCache, DiskFull
+from cafuse.engine import DISK_FAILURES, ChunkEngine
+from cafuse.errors import CafuseError, ChunkError
+from cafuse.http import HTTPError
+
+
+def chunk(n: int, size: int = 1000) -> tuple[bytes, bytes]:
+    data = n.to_bytes(4, "big") * (size // 4)
+    return hashlib.sha256(data).digest(), data
+
+
+class Store:
+    """A remote store: serves its chunks, or does what ``fault`` says for
+    a chunk id (an exception to raise, or "stall")."""
+    blocking = False
+
+    def __init__(self, name, chunks, fault=lambda cid, n: None, delay=0.0):
+        self.name, self.chunks, self.fault, self.delay = name, dict(chunks), fault, delay
+        self.calls: list[bytes] = []
+
+    def __str__(self):
+        return self.name
+
+    async def fetch(self, cid):
+        self.calls.append(cid)
+        what = self.fault(cid, self.calls.count(cid))
+        if what == "stall":
+            await trio.sleep(math.inf)
+        if isinstance(what, Exception):
+            raise what
+        await trio.sleep(self.delay)
+        return self.chunks[cid], False
+
+    async def aclose(self):
+        pass
+
+
+def engine(stores, **kw):
+    return ChunkEngine(stores, "sha256", backoff=60.0, deadline=10.0, **kw)
+
+
+async def test_one_chunks_refusal_does_not_set_the_store_aside():
+    (a, da), (b, db) = chunk(1), chunk(2)
+    refused = HTTPError("HTTP 403", retryable=False)
+    store = Store("s", [(a, da), (b, db)], lambda cid, n: refused if cid == a else None)
+    eng = engine([store])
+    with pytest.raises(ChunkError, match="403"):
+        await eng.get(a, len(da))
+    assert await eng.get(b, len(db)) == db
+
+
+async def test_the_last_store_left_is_never_set_aside():
+    (a, da), (b, db) = chunk(1), chunk(2)
+    down = HTTPError("connection refused", retryable=True)
+    store = Store("s", [(a, da), (b, db)], lambda cid, n: down if cid == a else None)
+    eng = engine([store])
+    with pytest.raises(ChunkError, match="refused"):
+        await eng.get(a, len(da))
+    assert await eng.get(b, len(db)) == db       # asked, not skipped
+
+
+async def test_a_store_that_looks_down_is_skipped_while_another_is_left():
+    chunks = [chunk(n) for n in range(20)]
+    first = chunks[0][0]
+
+    def fault(cid, n):
+        # The first chunk fails; every other request waits for ever (a
+        # dead server): queued and waiting fetches must give up at once.
+        return HTTPError("timed out", retryable=True) if cid == first else "stall"
+    dead, good = Store("dead", chunks, fault, delay=0), Store("good", chunks)
+    eng = engine([dead, good])
+    with trio.fail_after(5):
+        got = await eng.get_many([(cid, len(d)) for cid, d in chunks])
+    assert got == [d for _cid, d in chunks]
+    assert eng.stats.sources["good"] == 20
+    calls = len(dead.calls)
+    more = [chunk(n) for n in range(20, 30)]
+    dead.chunks.update(more); good.chunks.update(more)
+    await eng.get_many([(cid, len(d)) for cid, d in more])
+    assert len(dead.calls) == calls              # set aside: not asked again
+
+
+async def test_concurrent_readers_of_a_large_chunk_share_one_load():
+    cid, data = chunk(1, size=64 << 10)
+    store = Store("s", [(cid, data)], delay=0.05)
+    eng = engine([store], memory_bytes=64 << 10)  # too large to be kept in memory
+    got = []
+
+    async def read():
+        got.append(await eng.get(cid, len(data)))
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(read)
+    assert got == [data] * 4
+    assert store.calls == [cid]
+
+
+class FlakyDisk(DiskCache):
+    """A real disk cache whose calls fail while ``failing`` says so."""
+
+    def __init__(self, path):
+        super().__init__(path, 1 << 30)
+        self.failing = {}          # method -> exception
+        self.closed = False
+
+    def _maybe_fail(self, method):
+        error = self.failing.get(method)
+        if error is not None:
+            raise error
+
+    def get(self, cid):
+        self._maybe_fail("get")
+        return super().get(cid)
+
+    def present(self, ids):
+        self._maybe_fail("present")
+        return super().present(ids)
+
+    def put(self, cid, data):
+        self._maybe_fail("put")
+        return super().put(cid, data)
+
+    def close(self):
+        self.closed = True
+        super().close()
+
+
+async def test_a_full_disk_only_stops_new_chunks_from_being_cached(tmp_path):
+    chunks = [chunk(n) for n in range(10)]
+    store = Store("s", chunks)
+    disk = FlakyDisk(str(tmp_path))
+    eng = engine([store], disk=disk, memory_bytes=0)
+    await eng.get(*_want(chunks[0]))             # cached
+    disk.failing["put"] = DiskFull("cache directory x: No space left on device")
+    for c in chunks[1:]:
+        await eng.get(*_want(c))
+    assert eng.disk is disk and not disk.closed
+    assert await eng.get(*_want(chunks[0])) == chunks[0][1]
+    assert eng.stats.sources["disk cache"] == 1  # still read from
+    disk.failing.clear()
+    await eng.get(*_want(chunks[1]))              # cached again once there is room
+    assert await eng.get(*_want(chunks[1])) == chunks[1][1]
+    assert eng.stats.sources["disk cache"] == 2
+
+
+async def test_the_disk_cache_is_given_up_and_closed_after_failures_in_a_row(tmp_path):
+    chunks = [chunk(n) for n in range(10)]
+    store = Store("s", chunks)
+    disk = FlakyDisk(str(tmp_path))
+    eng = engine([store], disk=disk, memory_bytes=0)
+    disk.failing["present"] = CafuseError("cache index x: disk I/O error")
+    await eng.get(*_want(chunks[0]))              # one failure: forgiven
+    disk.failing.clear()
+    await eng.get(*_want(chunks[1]))              # a success: the count starts again
+    assert eng.disk is disk
+    disk.failing["present"] = CafuseError("cache index x: database disk image is malformed")
+    disk.failing["put"] = CafuseError("cache directory x: Input/output error")
+    for c in chunks[2:2 + DISK_FAILURES]:
+        assert await eng.get(*_want(c)) == c[1]   # reads go on from the store
+    assert eng.disk is None and disk.closed
+    await eng.aclose()
+
+
+def _want(c):
+    cid, data = c
+    return cid, len(data)
