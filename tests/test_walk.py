@@ -1,7 +1,9 @@
 """Running ahead of a walk (walk.py), without FUSE: what would be pushed
 into the page cache, checked against the archive's own bytes."""
 
+import dataclasses
 import os
+import shutil
 from types import SimpleNamespace
 
 import trio
@@ -72,12 +74,17 @@ async def push_root(archive, ahead, listings, first_read: bool):
     ahead.listed(1, children)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ahead.run)
-        with trio.fail_after(30):
-            while ahead._files or ahead._dirs:
-                await trio.sleep(0.01)
-            await trio.sleep(0.05)
+        await drained(ahead)
+        await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     return children
+
+
+async def drained(ahead):
+    """Wait until the walk ahead has worked through its queues."""
+    with trio.fail_after(30):
+        while ahead._files or ahead._dirs:
+            await trio.sleep(0.01)
 
 
 def test_a_walk_gets_the_files_of_what_it_lists(casync_archive):
@@ -111,3 +118,33 @@ def test_nodes_the_kernel_does_not_hold_are_not_pushed(casync_archive):
     archive, ahead, listings, stored = walk_ahead(made, known=lambda node: False)
     trio.run(push_root, archive, ahead, listings, True)
     assert stored == []
+
+
+def test_a_store_outage_costs_the_walk_its_pushes_not_its_life(casync_archive, tmp_path):
+    made = casync_archive("full")
+    store = tmp_path / "store"
+    shutil.copytree(made.store, store)
+    archive, ahead, listings, stored = walk_ahead(dataclasses.replace(made, store=store))
+
+    async def check():
+        root = await archive.root()
+        listings[1] = children = await archive.listdir(root)
+        sub = await archive.lookup(await archive.lookup(root, b"dir"), b"sub")
+        sub_children = await archive.listdir(sub)
+        archive.source.engine._memory.clear()
+        store.rename(tmp_path / "away")                     # the store goes down
+        start_walk(ahead)
+        ahead.listed(1, children)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ahead.run)
+            await drained(ahead)
+            assert stored == []                              # nothing pushed, nothing wrong
+            (tmp_path / "away").rename(store)                # the store is back
+            listings[node_of(sub)] = sub_children
+            ahead.listed(node_of(sub), sub_children)         # the walk goes on
+            with trio.fail_after(30):
+                while not stored:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert stored == [(node_of(sub_children[0]), 0, b"deep\n")]
+    trio.run(check)
