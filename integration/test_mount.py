@@ -320,3 +320,58 @@ def test_other_users_see_what_modes_and_acls_allow(tmp_path, public_dir):
         assert as_nobody("cat", mnt / "shared").stdout == b"shared\n"
         denied = as_nobody("cat", mnt / "secret")
         assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+
+
+@pytest.fixture
+def fuse_for_users():
+    """/dev/fuse as Debian's udev rule leaves it (0666): fusermount3 opens it
+    as the calling user.  Some machines (this project's CI among them) ship
+    it 0600; it is put back afterwards."""
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    os.chmod("/dev/fuse", 0o666)
+    yield
+    os.chmod("/dev/fuse", mode)
+
+
+def as_user(*cmd):
+    """``cmd`` as nobody, with no capability but reading any file: enough
+    to run this checkout's venv wherever it lives (/root is 0700), and far
+    from root's powers to mount."""
+    return sh("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+              "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+              "env", "HOME=/nonexistent", *cmd, check=False)
+
+
+def test_a_user_mounts_reads_and_unmounts(full, public_dir, fuse_for_users):
+    mnt, cache = public_dir / "mine", public_dir / "cache"
+    mnt.mkdir()
+    cache.mkdir()
+    os.chown(mnt, 65534, 65534)
+    os.chown(cache, 65534, 65534)
+    done = as_user(CAFUSE, "mount", "--background", "--cache-dir", cache, "-s", full.store,
+                   full.index, mnt)
+    assert done.returncode == 0, done.stderr
+    owner = next(line for line in open("/proc/self/mounts") if f" {mnt} " in line)
+    assert "user_id=65534" in owner
+    for name in ("hello.txt", "random.bin", "dir/sub/deep.txt"):
+        assert as_user("cat", mnt / name).stdout == (full.tree / name).read_bytes()
+    denied = sh("cat", mnt / "hello.txt", check=False)  # not even root, without allow_other
+    assert denied.returncode != 0
+    done = as_user(CAFUSE, "umount", mnt)
+    assert done.returncode == 0, done.stderr
+    assert not is_mounted(mnt)
+
+
+def test_a_users_killed_mount_is_taken_down(full, public_dir, fuse_for_users):
+    mnt = public_dir / "mine"
+    mnt.mkdir()
+    os.chown(mnt, 65534, 65534)
+    done = as_user(CAFUSE, "mount", "--background", "--no-cache", "-s", full.store,
+                   full.index, mnt)
+    assert done.returncode == 0, done.stderr
+    daemon = int(sh("pgrep", "-u", "65534", "-f", f"mount .*{mnt}").stdout.split()[0])
+    os.kill(daemon, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while is_mounted(mnt) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_mounted(mnt)  # the watchdog unmounted it, as that user
