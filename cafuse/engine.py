@@ -43,7 +43,6 @@ class Stats:
     "disk cache", "seed", or a store's URL/path)."""
     sources: Counter = field(default_factory=Counter)
     transferred: int = 0      # bytes received from stores (compressed)
-    delivered: int = 0        # bytes of chunks handed out
 
 
 class _StoreState:
@@ -158,7 +157,7 @@ class ChunkEngine:
             if data is None:  # that load failed: try again, and say why
                 data = (await self.get_many([wanted[k]], remember))[0]
             else:
-                self._account("memory", data, 0)
+                self._account("memory")
             results[k] = data
         return results
 
@@ -174,7 +173,7 @@ class ChunkEngine:
             if data is None:
                 far.append((k, problems))
             else:
-                self._account(source, data, raw_size)
+                self._account(source, raw_size)
                 results[k] = data
         if far:
             await self._load_far(wanted, far, results)
@@ -194,7 +193,7 @@ class ChunkEngine:
     def _from_memory(self, chunk_id):
         data = self._memory.get(chunk_id) if self._memory is not None else None
         if data is not None:
-            self._account("memory", data, 0)
+            self._account("memory")
         return data
 
     def _nearby(self, chunk_id, size, cached):
@@ -251,8 +250,7 @@ class ChunkEngine:
                     if isinstance(outcome, ChunkError):
                         outcome = await self._far_again(wanted[k], problems, position, outcome)
                     else:
-                        self._account(str(self._far_stores[position].store), outcome,
-                                      len(found[0]))
+                        self._account(str(self._far_stores[position].store), len(found[0]))
                     results[k] = outcome
 
         with single_errors():
@@ -272,7 +270,7 @@ class ChunkEngine:
             outcome = await trio.to_thread.run_sync(self._decode, want, position, found,
                                                     limiter=self._limiter)
             if not isinstance(outcome, ChunkError):
-                self._account(str(self._far_stores[position].store), outcome, len(found[0]))
+                self._account(str(self._far_stores[position].store), len(found[0]))
                 return outcome
             error = outcome
 
@@ -382,9 +380,8 @@ class ChunkEngine:
         state.set_aside(self.backoff)
         log.warning("%s; setting store %s aside for %g s", error, state.store, self.backoff)
 
-    def _account(self, source, data, raw_size):
+    def _account(self, source, raw_size=0):
         self.stats.sources[source] += 1
-        self.stats.delivered += len(data)
         self.stats.transferred += raw_size
 
     async def maintain(self) -> None:
