@@ -254,6 +254,7 @@ class DiskCache:
             self._flush()
         if self._writing is not None:
             os.close(self._writing[1])
+            self._writing = None  # a failure below must not leave the closed fd here
         pack = self._query("INSERT INTO pack (bytes, used) VALUES (0, ?)",
                            (time.time(),)).lastrowid
         try:

@@ -32,6 +32,7 @@ log = logging.getLogger("cafuse")
 DEFAULT_MEMORY_BYTES = 64 << 20
 DISK_FAILURES = 3    # failed disk cache calls in a row before going on without it
 DISK_WARN_EVERY = 60.0  # seconds between warnings about the disk cache
+_DISK_READS = frozenset({"get", "present"})
 # Worker threads for decoding, hashing and cache I/O: one per core.  More
 # only adds contention (prefetch from nginx: 2.05 s with 2, 2.5 s with 4).
 CORES = len(os.sched_getaffinity(0))
@@ -105,7 +106,9 @@ class ChunkEngine:
         self._loading: dict[bytes, _Shared] = {}
         self._limiter = trio.CapacityLimiter(threads)
         self._disk_lock = threading.Lock()
-        self._disk_failures = 0
+        # Failed cache calls in a row, reads (get, present) and writes (put,
+        # flush) apart: reads that work must not hide writes that all fail.
+        self._disk_failures = {True: 0, False: 0}
         self._disk_warned = -DISK_WARN_EVERY
 
     async def get(self, chunk_id: bytes, size: int, remember: bool = True) -> bytes:
@@ -333,24 +336,24 @@ class ChunkEngine:
         try:
             result = getattr(disk, method)(*args)
         except (CafuseError, OSError, sqlite3.Error) as e:
-            self._disk_failed(disk, e)
+            self._disk_failed(disk, method in _DISK_READS, e)
             return None
-        self._disk_failures = 0
+        self._disk_failures[method in _DISK_READS] = 0
         return result
 
-    def _disk_failed(self, disk, error):
+    def _disk_failed(self, disk, reading, error):
         """A full disk only keeps new chunks out of the cache; any other
-        failure is forgiven until DISK_FAILURES come in a row (a broken
-        index, a vanished directory), when the engine closes the cache and
-        goes on without it."""
+        failure is forgiven until DISK_FAILURES reads or writes fail in a
+        row (a broken index, a vanished directory), when the engine closes
+        the cache and goes on without it."""
         with self._disk_lock:  # several worker threads may fail at once
             if self.disk is not disk:
                 return
             if isinstance(error, DiskFull):
                 self._warn_about_disk(f"{error}; new chunks are not cached")
                 return
-            self._disk_failures += 1
-            if self._disk_failures < DISK_FAILURES:
+            self._disk_failures[reading] += 1
+            if self._disk_failures[reading] < DISK_FAILURES:
                 self._warn_about_disk(str(error))
                 return
             self.disk = None

@@ -133,7 +133,9 @@ class Client:
         self.max_body = max_body
         self._tls = (tls or TLSOptions()).context() if self.scheme == "https" else None
         self._idle: list[_Connection] = []
-        self._slots = trio.Semaphore(max_connections)
+        # A place among the requests in flight; a caller that tries a
+        # request again keeps its place (see get_in_slot).
+        self.slot = trio.Semaphore(max_connections)
 
     def url(self, path: str) -> str:
         return f"{self.scheme}://{self.host_header}{self.base_path}/{path}"
@@ -141,12 +143,16 @@ class Client:
     async def get(self, path: str, timeout: float = math.inf) -> Response:
         """GET ``<base>/<path>``; any status is returned, transport trouble
         raises HTTPError.  ``timeout`` bounds the request from the moment
-        it has a connection: the wait for one is not counted, as hundreds
-        of queued chunk requests on a slow link are no sign of trouble."""
-        target = f"{self.base_path}/{path}"
-        async with self._slots:
-            with trio.move_on_after(timeout):
-                return await self._get(path, target)
+        it has a place among the requests in flight: the wait for one is
+        not counted, as hundreds of queued chunk requests on a slow link
+        are no sign of trouble."""
+        async with self.slot:
+            return await self.get_in_slot(path, timeout)
+
+    async def get_in_slot(self, path: str, timeout: float = math.inf) -> Response:
+        """``get`` for a caller that holds ``slot``."""
+        with trio.move_on_after(timeout):
+            return await self._get(path, f"{self.base_path}/{path}")
         raise HTTPError(f"{self.url(path)}: no answer within {timeout:g} s", True)
 
     async def _get(self, path: str, target: str) -> Response:

@@ -92,23 +92,28 @@ class HTTPStore:
 async def fetch_with_retries(client: Client, path: str, options: HTTPOptions,
                              missing_ok: bool) -> tuple[bytes, bool] | None:
     delay, attempt = options.backoff, 0
-    while True:
-        try:
-            response = await client.get(path, options.timeout)
-        except HTTPError as e:
-            error = e
-        else:
-            if response.status == 200:
-                return response.body, True
-            if response.status in (404, 410) and missing_ok:
-                return None
-            retryable = response.status >= 500 or response.status == 429
-            error = HTTPError(f"{client.url(path)}: HTTP {response.status}", retryable)
-        if not error.retryable or attempt >= options.retries:
-            raise error
-        attempt += 1
-        await trio.sleep(delay * (0.5 + random.random()))
-        delay *= 2
+    # One place among the client's requests in flight for all the tries: a
+    # try that queued again behind every other chunk would, on a dead store
+    # with a long queue, never run out of tries within the chunk's
+    # deadline, so the store would never be set aside for the next one.
+    async with client.slot:
+        while True:
+            try:
+                response = await client.get_in_slot(path, options.timeout)
+            except HTTPError as e:
+                error = e
+            else:
+                if response.status == 200:
+                    return response.body, True
+                if response.status in (404, 410) and missing_ok:
+                    return None
+                retryable = response.status >= 500 or response.status == 429
+                error = HTTPError(f"{client.url(path)}: HTTP {response.status}", retryable)
+            if not error.retryable or attempt >= options.retries:
+                raise error
+            attempt += 1
+            await trio.sleep(delay * (0.5 + random.random()))
+            delay *= 2
 
 
 def is_url(spec: str) -> bool:

@@ -1,10 +1,12 @@
 """Disk cache faults found in review: pack ids reused after a prune, a
-prune that died before its unlink, a corrupt index."""
+prune that died before its unlink, a corrupt index, a full disk."""
 
+import errno
 import hashlib
+import os
 
 import pytest
-from cafuse.diskcache import DiskCache
+from cafuse.diskcache import DiskCache, DiskFull
 from cafuse.errors import CafuseError
 
 
@@ -70,4 +72,32 @@ def test_a_prune_that_died_before_its_unlink_does_not_disable_the_cache(tmp_path
     for _ in range(2):                            # every later process
         c = DiskCache(str(tmp_path), 1 << 30)
         c.put(cid(d), d)                          # CafuseError: File exists -> engine drops the cache
+        c.close()
+
+
+def test_a_full_disk_never_leaves_a_closed_fd_to_close_again(tmp_path, monkeypatch):
+    # The pack is full, and there is no room for the next one: the next
+    # put (the engine goes on using a full cache) must not close the old
+    # pack's fd number again, which by then belongs to another file.
+    c = DiskCache(str(tmp_path / "cache"), 16 * 1000)  # packs of 1000 bytes
+    d1, d2, d3 = (bytes([n]) * 1000 for n in (1, 2, 3))
+    c.put(cid(d1), d1)
+    real_open = os.open
+
+    def no_room(path, flags, *args):
+        if str(path).endswith(".pack") and flags & os.O_CREAT:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", no_room)
+    with pytest.raises(DiskFull):
+        c.put(cid(d2), d2)
+    monkeypatch.undo()
+    other = tmp_path / "other"
+    fd = os.open(other, os.O_CREAT | os.O_RDWR)  # likely the number just freed
+    try:
+        c.put(cid(d3), d3)                          # room again
+        assert os.fstat(fd).st_ino == os.stat(other).st_ino
+        assert c.get(cid(d3)) == d3
+    finally:
+        os.close(fd)
         c.close()

@@ -4,6 +4,7 @@ one load of a chunk serves every reader waiting for it."""
 
 import hashlib
 import math
+import socket
 
 import pytest
 import trio
@@ -12,6 +13,7 @@ from cafuse.diskcache import DiskCache, DiskFull
 from cafuse.engine import DISK_FAILURES, ChunkEngine
 from cafuse.errors import CafuseError, ChunkError
 from cafuse.http import HTTPError
+from cafuse.store import HTTPOptions, HTTPStore, LocalStore, chunk_path
 
 
 def chunk(n: int, size: int = 1000) -> tuple[bytes, bytes]:
@@ -88,6 +90,28 @@ async def test_a_store_that_looks_down_is_skipped_while_another_is_left():
     dead.chunks.update(more); good.chunks.update(more)
     await eng.get_many([(cid, len(d)) for cid, d in more])
     assert len(dead.calls) == calls              # set aside: not asked again
+
+
+async def test_a_dead_store_with_a_queue_is_set_aside_within_the_deadline(tmp_path):
+    # More chunks than connections: the first requests must run out of
+    # tries (a retry keeps its connection slot, not queue again behind the
+    # others) so that the store is set aside before the chunks' deadline.
+    chunks = [chunk(n) for n in range(8)]
+    for cid, data in chunks:
+        path = tmp_path / chunk_path(cid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    with socket.socket() as hole:                 # connects, never answers
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        options = HTTPOptions(connections=2, timeout=0.2, retries=3, backoff=0.01)
+        dead = HTTPStore(f"http://127.0.0.1:{hole.getsockname()[1]}", options)
+        eng = ChunkEngine([dead, LocalStore(str(tmp_path))], "sha256", deadline=1.5,
+                          backoff=60.0)
+        with trio.fail_after(5):
+            got = await eng.get_many([(cid, len(d)) for cid, d in chunks])
+        await eng.aclose()
+    assert got == [d for _cid, d in chunks]
 
 
 async def test_concurrent_readers_of_a_large_chunk_share_one_load():
@@ -174,3 +198,13 @@ async def test_the_disk_cache_is_given_up_and_closed_after_failures_in_a_row(tmp
 def _want(c):
     cid, data = c
     return cid, len(data)
+
+
+async def test_writes_that_all_fail_give_up_the_cache_even_while_reads_work(tmp_path):
+    chunks = [chunk(n) for n in range(10)]
+    disk = FlakyDisk(str(tmp_path))
+    eng = engine([Store("s", chunks)], disk=disk, memory_bytes=0)
+    disk.failing["put"] = CafuseError("cache directory x: Input/output error")
+    for c in chunks[:DISK_FAILURES]:
+        await eng.get(*_want(c))                  # present works, put fails
+    assert eng.disk is None and disk.closed
