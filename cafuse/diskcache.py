@@ -289,6 +289,9 @@ class DiskCache:
         if self._writing is not None and self._writing[0] == pack:
             os.close(self._writing[1])
             self._writing = None
+            # Its uncommitted rows point into a file that is gone.
+            self._pending = {cid: where for cid, where in self._pending.items()
+                             if where[0] != pack}
 
     def _touch(self, pack):
         now = time.time()

@@ -101,3 +101,17 @@ def test_a_full_disk_never_leaves_a_closed_fd_to_close_again(tmp_path, monkeypat
     finally:
         os.close(fd)
         c.close()
+
+
+def test_a_pack_pruned_by_another_process_before_its_rows_are_committed(tmp_path):
+    c = DiskCache(str(tmp_path), 1 << 30)
+    d = b"p" * 1000
+    c.put(cid(d), d)                                # its row waits for the next commit
+    for pack in (tmp_path / "packs").iterdir():
+        pack.unlink()                               # `cafuse cache prune` elsewhere
+    assert c.get(cid(d)) is None                    # a miss, and the pack is dropped
+    c.flush()                                       # nothing left pointing into it
+    c.put(cid(d), d)
+    c.flush()
+    assert c.get(cid(d)) == d
+    c.close()
