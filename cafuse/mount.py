@@ -108,11 +108,11 @@ class _Base:
         self._read_ahead(reader, offset, offset + size, end, 0)
         return data
 
-    def _read_ahead(self, reader, start, stop, end, slack) -> int:
+    def _read_ahead(self, reader, start, stop, end, slack) -> None:
         """While ``reader``'s reads go forward (each starting at most
         ``slack`` bytes after the last one ended), a window of following
         chunks, up to ``end``, is prefetched and doubles up to
-        READAHEAD_MAX; the window is returned."""
+        READAHEAD_MAX."""
         last, window, frontier = self._sequential.get(reader, (None, 0, stop))
         if last is not None and last <= start <= last + slack:
             window = min(max(window * 2, 1), READAHEAD_MAX)
@@ -125,7 +125,6 @@ class _Base:
             if target > begin and self.prefetch(begin, target - begin):
                 frontier = target
         self._sequential[reader] = (stop, window, frontier)
-        return window
 
     def release(self, req):
         self._sequential.pop((req.nodeid, proto.release_arg(req.body)), None)
