@@ -43,8 +43,14 @@ def decompress(raw: bytes, size: int) -> bytes:
     """
     kind = compression_of(raw)
     if kind == "zstd":
-        # casync's frames carry no content size: give the bound explicitly.
+        # casync's frames carry no content size, so the bound is given
+        # explicitly.  A frame that states one gets a buffer of that size,
+        # bound or not: a stated size other than the index's is refused
+        # before anything is allocated (a corrupt one asked for 10^17 bytes).
         try:
+            stated = zstandard.frame_content_size(raw)
+            if stated not in (-1, size):
+                raise ValueError(f"zstd frame says {stated} bytes, index says {size}")
             out = _zstd().decompress(raw, max_output_size=size)
         except zstandard.ZstdError as e:
             raise ValueError(f"bad zstd data: {e}") from None

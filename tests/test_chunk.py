@@ -60,6 +60,17 @@ def test_output_is_bounded():
         decompress(bomb, 1000)
 
 
+def test_a_stated_content_size_cannot_make_it_allocate():
+    # One flipped bit in the frame header made a casync frame state 10^17
+    # bytes, which the decompressor tried to allocate (MemoryError).
+    raw = bytearray(zstd_like_casync(DATA))
+    raw[4] = 0xF0
+    with pytest.raises(ChunkError, match="zstd frame says"):
+        decode(bytes(raw), True, ID, len(DATA), "sha512-256")
+    stated = zstandard.ZstdCompressor(write_content_size=True).compress(DATA)
+    assert decode(stated, True, ID, len(DATA), "sha512-256") == DATA
+
+
 @pytest.mark.parametrize("kind", sorted(COMPRESSORS))
 def test_truncated_stream(kind):
     raw = COMPRESSORS[kind](DATA)
