@@ -5,16 +5,14 @@ the order given.  Only chunks from remote stores are written to the disk
 cache; seeds and local stores are close enough.  Every chunk from a seed or
 store is verified against its id before it is cached or returned.
 Concurrent requests for one chunk share one load.  A store that looks down
-(after its own retries, or silent through its share of a chunk's deadline)
-is set aside for a back-off period while another store is left, so one
-dead mirror costs one deadline, not one per chunk; it is tried again when
-the period ends.  A chunk that no source can deliver
+(after its own retries) is set aside for a back-off period while another
+store is left, so one dead mirror costs one deadline, not one per chunk; it
+is tried again when the period ends.  A chunk that no source can deliver
 raises ChunkError naming the chunk and what each store said.
 """
 
 import contextlib
 import logging
-import math
 import os
 import sqlite3
 import threading
@@ -298,19 +296,13 @@ class ChunkEngine:
                     found = await trio.to_thread.run_sync(state.store.load, chunk_id,
                                                           limiter=self._limiter)
                 else:
-                    share = self._share(position)
-                    with state.fetching() as scope, trio.move_on_after(share) as budget:
+                    with state.fetching() as scope:
                         found = await state.store.fetch(chunk_id)
-                    if budget.cancelled_caught:
-                        problems.append(f"no answer from {state.store} within {share:.3g} s")
-                        self._set_aside(state, problems[-1])
-                        continue
                     if scope.cancelled_caught:
                         problems.append(f"{state.store} set aside after errors")
                         continue
             except CafuseError as e:
-                if getattr(e, "retryable", False):
-                    self._set_aside(state, str(e))
+                self._set_aside(state, e)
                 problems.append(str(e))
                 continue
             if found is None:
@@ -377,28 +369,19 @@ class ChunkEngine:
             self._disk_warned = now
             log.warning("%s", message)
 
-    def _share(self, position):
-        """How long the store at ``position`` may take over a chunk: all
-        the chunk's time left if it is the last store up, else an even
-        share with the stores up after it, so that one that never answers
-        (requests hung for longer than the deadline) leaves them a turn."""
-        after = sum(1 for other in self._far_stores[position + 1:] if other.available())
-        if not after:
-            return math.inf
-        return (trio.current_effective_deadline() - trio.current_time()) / (after + 1)
-
-    def _set_aside(self, state, reason):
-        """After ``reason`` (a store's retries spent on errors that say it
-        is down: no connection, timeouts, 5xx; or its share of a deadline
-        gone), skip the store for a while, so a dead mirror costs one
-        deadline, not one per chunk.  An answer about one chunk (a 403, a
-        body too large) says nothing of the others and comes nowhere near
-        here; and the last store left is never skipped: there is nothing
-        to skip to, and its next answer may well be a good one."""
+    def _set_aside(self, state, error):
+        """After ``error`` (its own retries spent), skip a store that looks
+        down (no connection, timeouts, 5xx) for a while, so a dead mirror
+        costs one deadline, not one per chunk.  An answer about one chunk
+        (a 403, a body too large) says nothing of the others; and the last
+        store left is never skipped: there is nothing to skip to, and its
+        next answer may well be a good one."""
+        if not getattr(error, "retryable", False):
+            return
         if not any(other.available() for other in self._far_stores if other is not state):
             return
         state.set_aside(self.backoff)
-        log.warning("%s; setting store %s aside for %g s", reason, state.store, self.backoff)
+        log.warning("%s; setting store %s aside for %g s", error, state.store, self.backoff)
 
     def _account(self, source, raw_size=0):
         self.stats.sources[source] += 1
