@@ -214,6 +214,33 @@ class BlobFS(_Base):
         return self.read_range((req.nodeid, fh), offset, size, self.stream.size)
 
 
+class Listings:
+    """Decoded directory listings (node -> children in archive order), so
+    that a listing read in several requests is decoded once: least recently
+    used out first, bounded by their entries.  A directory larger than the
+    whole bound is kept too, alone (the latest such one): decoding it again
+    for each page of its listing would cost its size squared."""
+
+    def __init__(self, max_entries: int):
+        self._max = max_entries
+        self._lru = cachetools.LRUCache(max_entries, getsizeof=len)
+        self._huge: tuple[int, list[Entry]] | None = None
+
+    def get(self, node: int) -> list[Entry] | None:
+        if self._huge is not None and self._huge[0] == node:
+            return self._huge[1]
+        return self._lru.get(node)
+
+    def __contains__(self, node: int) -> bool:
+        return self.get(node) is not None
+
+    def __setitem__(self, node: int, children: list[Entry]) -> None:
+        if len(children) > self._max:
+            self._huge = (node, children)
+        else:
+            self._lru[node] = children
+
+
 class TreeFS(_Base):
     """The directory tree of a catar stream, served through goodbye tables.
 
@@ -231,9 +258,7 @@ class TreeFS(_Base):
         self._entries: dict[int, Entry] = {ROOT: root}
         self._lookups: dict[int, int] = {}
         self._parents: dict[int, int] = {}  # node -> its directory's, for listed nodes
-        # Listings of recently read directories, bounded by entry count, so
-        # that a listing read in several requests is decoded once.
-        self._dirs = cachetools.LRUCache(LISTED_ENTRIES, getsizeof=len)
+        self._dirs = Listings(LISTED_ENTRIES)
         self.walk = WalkAhead(self.archive, self._dirs, self._lookups.__contains__,
                               lambda node, offset, data: self.session.store(node, offset, data))
 

@@ -1,0 +1,78 @@
+"""The file systems' FUSE handlers (mount.py), called directly with
+requests as the kernel sends them: no FUSE mount needed."""
+
+import struct
+
+import trio
+
+from cafuse import daemon, mount
+from cafuse import fuseproto as proto
+from cafuse.inputs import Options, open_input
+
+_ENTRY = 40 + 88  # fuse_entry_out: its header and fuse_attr
+
+
+def request(opcode, nodeid, body=b""):
+    return proto.Request(opcode, 1, nodeid, 0, 0, 0, memoryview(body))
+
+
+async def answer(handler, req):
+    result = handler(req)
+    if result is None or isinstance(result, bytes):
+        return result
+    return await result
+
+
+def readdir_body(offset, size=4096):
+    return struct.pack("<QQIIQII", 0, offset, size, 0, 0, 0, 0)
+
+
+def direntplus(payload):
+    """(name, next offset) of each entry of a READDIRPLUS reply."""
+    out, pos = [], 0
+    while pos < len(payload):
+        pos += _ENTRY
+        _ino, next_offset, namelen, _kind = struct.unpack_from("<QQII", payload, pos)
+        pos += 24
+        out.append((bytes(payload[pos:pos + namelen]), next_offset))
+        pos += (namelen + 7) & ~7
+    return out
+
+
+async def tree_fs(made):
+    inp = await open_input(str(made.index), Options(stores=[str(made.store)], no_cache=True))
+    return inp, await daemon.build_fs(inp)
+
+
+def test_a_directory_larger_than_the_listing_cache_is_listed_whole_and_decoded_once(
+        casync_archive, monkeypatch):
+    # The bound is 100,000 entries; a larger directory used to fail every
+    # READDIRPLUS with EIO (the cache refused to hold it).
+    monkeypatch.setattr(mount, "LISTED_ENTRIES", 1000)
+    made = casync_archive("bigdir")
+
+    async def check():
+        inp, fs = await tree_fs(made)
+        decoded = []
+        listdir = fs.archive.listdir
+
+        async def counting(directory):
+            decoded.append(directory.offset)
+            return await listdir(directory)
+        fs.archive.listdir = counting
+        found = await answer(fs.lookup, request(proto.LOOKUP, mount.ROOT, b"big\0"))
+        node = struct.unpack_from("<Q", found)[0]
+        names, offset = [], 0
+        while True:
+            page = direntplus(await answer(
+                fs.readdir, request(proto.READDIRPLUS, node, readdir_body(offset))))
+            if not page:
+                break
+            names += [name for name, _ in page]
+            offset = page[-1][1]
+        await inp.aclose()
+        return names, decoded
+
+    names, decoded = trio.run(check)
+    assert names == [b"file%05d" % i for i in range(10_000)]
+    assert len(decoded) == 1
