@@ -78,12 +78,13 @@ class _StoreState:
 class _Shared:
     """A load of one chunk that other demand readers wait for; ``data`` is
     the chunk once loaded (kept for them even when it is too large for the
-    memory LRU)."""
-    __slots__ = ("done", "data")
+    memory LRU), ``error`` why the load failed, if it said."""
+    __slots__ = ("done", "data", "error")
 
     def __init__(self):
         self.done = trio.Event()
         self.data = None
+        self.error = None
 
 
 class ChunkEngine:
@@ -126,6 +127,7 @@ class ChunkEngine:
         (``remember=False``) load what they need themselves: waiting for a
         chunk they would then not find in memory would only cost a second
         load."""
+        joined = trio.current_time()
         results = [self._from_memory(cid) for cid, _size in wanted]
         mine, theirs = {}, []
         for k, (cid, _size) in enumerate(wanted):
@@ -139,6 +141,7 @@ class ChunkEngine:
                 mine[cid] = [k]
                 if remember:
                     self._loading[cid] = _Shared()
+        error = None
         try:
             if mine:
                 await self._load(wanted, mine, results)
@@ -148,21 +151,34 @@ class ChunkEngine:
                 if remember:
                     for cid, ks in mine.items():
                         self._remember(cid, results[ks[0]])
+        except CafuseError as e:
+            error = e
+            raise
         finally:
             if remember:
                 for cid, ks in mine.items():
                     shared = self._loading.pop(cid)
                     shared.data = results[ks[0]]
+                    shared.error = error
                     shared.done.set()
         for k, shared in theirs:
             await shared.done.wait()
             data = shared.data
-            if data is None:  # that load failed: try again, and say why
-                data = (await self.get_many([wanted[k]], remember))[0]
+            if data is None:
+                data = await self._again(wanted[k], remember, shared.error, joined)
             else:
                 self._account("memory")
             results[k] = data
         return results
+
+    async def _again(self, want, remember, error, joined):
+        """A chunk whose load by another task failed (or was cancelled with
+        its reader), loaded again within what is left of this reader's own
+        deadline; when nothing is left, that load's error."""
+        with trio.move_on_at(joined + self.deadline):
+            return (await self.get_many([want], remember))[0]
+        raise error or ChunkError(f"chunk {want[0].hex()}: not delivered within "
+                                  f"{self.deadline:g} s")
 
     async def _load(self, wanted, mine, results):
         firsts = [ks[0] for ks in mine.values()]

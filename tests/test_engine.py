@@ -47,8 +47,8 @@ class Store:
         pass
 
 
-def engine(stores, **kw):
-    return ChunkEngine(stores, "sha256", backoff=60.0, deadline=10.0, **kw)
+def engine(stores, deadline=10.0, **kw):
+    return ChunkEngine(stores, "sha256", backoff=60.0, deadline=deadline, **kw)
 
 
 async def test_one_chunks_refusal_does_not_set_the_store_aside():
@@ -208,3 +208,42 @@ async def test_writes_that_all_fail_give_up_the_cache_even_while_reads_work(tmp_
     for c in chunks[:DISK_FAILURES]:
         await eng.get(*_want(c))                  # present works, put fails
     assert eng.disk is None and disk.closed
+
+
+async def test_a_reader_that_joined_a_failed_load_fails_within_its_own_deadline():
+    # Joining another reader's load and then loading again after it failed
+    # used to cost up to two deadlines.
+    (a, da), = [chunk(1)]
+    eng = engine([Store("dead", [(a, da)], lambda cid, n: "stall")], deadline=1.0)
+    ended = {}
+
+    async def read(name):
+        start = trio.current_time()
+        with pytest.raises(ChunkError, match="not delivered within 1 s"):
+            await eng.get(a, len(da))
+        ended[name] = trio.current_time() - start
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read, "first")
+        await trio.sleep(0.5)
+        nursery.start_soon(read, "joined")
+    assert ended["joined"] < 1.2
+
+
+async def test_a_reader_whose_shared_load_was_cancelled_loads_it_itself():
+    (a, da), = [chunk(1)]
+    store = Store("slow", [(a, da)], delay=0.3)
+    eng = engine([store])
+    got = []
+
+    async def owner():
+        with trio.move_on_after(0.1):  # its reader went away (an interrupted read)
+            await eng.get(a, len(da))
+
+    async def joiner():
+        await trio.sleep(0.05)
+        got.append(await eng.get(a, len(da)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(owner)
+        nursery.start_soon(joiner)
+    assert got == [da]
+    assert len(store.calls) == 2
