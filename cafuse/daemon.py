@@ -22,7 +22,7 @@ from . import fusesession
 from .errors import CafuseError, UsageError, first_error
 from .inputs import Input, Options, open_input
 from .mount import INIT_FLAGS, BlobFS, TreeFS
-from .mountinfo import device_of
+from .mountinfo import canonical, device_of
 from .store import is_url
 
 log = logging.getLogger("cafuse")
@@ -206,8 +206,8 @@ def _message(error: BaseException) -> str:
 def unmount(mountpoint: str) -> None:
     if not mounted(mountpoint):
         raise UsageError(f"{mountpoint}: not mounted")
-    done = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(["fusermount3", "-u", "--", canonical(mountpoint)],
+                          capture_output=True, text=True, timeout=60)
     if done.returncode:
         raise CafuseError(f"{mountpoint}: cannot unmount: "
                           f"{done.stderr.strip() or os.strerror(errno.EBUSY)}")

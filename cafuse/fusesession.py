@@ -25,7 +25,7 @@ import trio
 
 from . import fuseproto as proto
 from .errors import CafuseError
-from .mountinfo import abort_connection, device_of
+from .mountinfo import abort_connection, canonical, device_of
 
 log = logging.getLogger("cafuse")
 
@@ -57,7 +57,8 @@ class Mount:
     unmounts it if this process dies without doing so (cafuse.watchdog)."""
 
     def __init__(self, mountpoint: str, options: list[str]):
-        self.mountpoint = mountpoint
+        # Resolved here: fusermount3 takes no symlink for a mount point.
+        self.mountpoint = mountpoint = canonical(mountpoint)
         self.fd = _fusermount(mountpoint, options)
         self.device = device_of(mountpoint) or "?"
         try:

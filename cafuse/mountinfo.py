@@ -7,24 +7,44 @@ serves.
 """
 
 import os
+import re
+
+# mountinfo writes a space, tab, newline or backslash in a path as \ooo
+# (the kernel's mangle_path); every other byte, UTF-8 or not, as it is.
+_ESCAPE = re.compile(rb"\\([0-7]{3})")
+_LINKS_MAX = 40  # the kernel's own limit of symlinks in one path
 
 
 def device_of(mountpoint: str) -> str | None:
     """The "major:minor" of the mount at ``mountpoint`` (the one on top),
     or None if nothing is mounted there."""
-    target, device = canonical(mountpoint), None
-    with open("/proc/self/mountinfo") as f:
+    target, device = os.fsencode(canonical(mountpoint)), None
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            fields = line.split()
-            if fields[4].encode().decode("unicode_escape") == target:
-                device = fields[2]
+            fields = line.split(b" ")
+            if unescape(fields[4]) == target:
+                device = fields[2].decode()
     return device
 
 
+def unescape(field: bytes) -> bytes:
+    return _ESCAPE.sub(lambda m: bytes([int(m[1], 8)]), field)
+
+
 def canonical(path: str) -> str:
-    """``path`` as mountinfo spells it; only the parent is resolved."""
-    path = os.path.abspath(path)
-    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    """``path`` as mountinfo spells it: absolute, every symlink resolved.
+    The last component is resolved with readlink alone, never a stat,
+    which on a mount point would reach the (perhaps hung) daemon."""
+    for _ in range(_LINKS_MAX):
+        path = os.path.abspath(path)
+        parent, name = os.path.split(path)
+        path = os.path.join(os.path.realpath(parent), name)
+        try:
+            target = os.readlink(path)
+        except OSError:  # not a symlink (EINVAL), or nothing there
+            return path
+        path = os.path.join(parent, target)
+    return path
 
 
 def abort_connection(device: str) -> None:

@@ -12,9 +12,12 @@ from casync_fixtures import require
 
 
 def is_mounted(path) -> bool:
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == target for line in f)
+    # mountinfo spells a space, tab, newline and backslash in octal.
+    target = os.fsencode(os.path.realpath(path))
+    for char in b"\\ \t\n":  # the backslash first
+        target = target.replace(bytes([char]), b"\\%03o" % char)
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(line.split(b" ")[4] == target for line in f)
 
 
 def teardown_mount(path):

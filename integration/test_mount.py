@@ -195,6 +195,23 @@ def test_busy_mountpoint(full, tmp_path):
         assert done.returncode == 1 and "already mounted" in done.stderr
 
 
+def test_a_mountpoint_with_a_space_a_non_ascii_name_and_a_symlink(full, tmp_path):
+    odd = tmp_path / "mnt żółw"
+    link = tmp_path / "link"
+    odd.mkdir()
+    link.symlink_to(odd.name)
+    with mounted(full.index, link, "--no-cache", "-s", full.store):
+        assert is_mounted(odd)
+        assert sorted(os.listdir(odd)) == sorted(os.listdir(full.tree))
+        done = subprocess.run([CAFUSE, "mount", "--background", str(full.index), str(odd)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1 and "already mounted" in done.stderr
+        done = subprocess.run([CAFUSE, "umount", str(link)], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert not is_mounted(odd)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_signal_unmounts_cleanly(full, tmp_path, signum):
     """SIGTERM and SIGINT unmount and exit 0; after SIGKILL, fusermount3's

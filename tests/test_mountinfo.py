@@ -1,0 +1,19 @@
+"""Mount points as /proc/self/mountinfo spells them."""
+
+from cafuse.mountinfo import canonical, unescape
+
+
+def test_octal_escapes_are_undone_and_other_bytes_kept():
+    # The kernel escapes only space, tab, newline and backslash.
+    assert unescape(rb"/mnt/a\040b\011c\012d\134e") == b"/mnt/a b\tc\nd\\e"
+    assert unescape("/mnt/żółw".encode()) == "/mnt/żółw".encode()
+
+
+def test_symlinks_are_resolved_to_the_last_component(tmp_path, monkeypatch):
+    (tmp_path / "real dir").mkdir()
+    (tmp_path / "link").symlink_to("real dir")
+    (tmp_path / "chain").symlink_to(tmp_path / "link")
+    assert canonical(str(tmp_path / "chain")) == str(tmp_path / "real dir")
+    assert canonical(str(tmp_path / "real dir") + "/") == str(tmp_path / "real dir")
+    monkeypatch.chdir(tmp_path)
+    assert canonical("link") == str(tmp_path / "real dir")
