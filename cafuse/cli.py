@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="OPTIONS", help="FUSE mount options for fusermount3, "
                        "comma-separated (e.g. allow_other, which for users needs "
                        "user_allow_other in /etc/fuse.conf); ro and "
-                       "default_permissions are always set")
+                       "default_permissions are always set, rw is refused, and "
+                       "auto_unmount is implied (a watchdog unmounts the mount if "
+                       "its process dies)")
     mount.add_argument("--background", action="store_true",
                        help="return once the mount is usable (exit 0), or with the "
                        "error (exit 1) leaving nothing mounted")
@@ -340,6 +342,16 @@ async def _copy_to_file(inp, offset, size, output):
         raise
 
 
+def fuse_options(groups: list[str]) -> list[str]:
+    """The -o options for fusermount3.  auto_unmount is what the mount's
+    watchdog does already (and fusermount3 would stay to do it, holding up
+    the mount); rw cannot be had."""
+    wanted = [o for group in groups for o in group.split(",") if o]
+    if "rw" in wanted:
+        raise UsageError("-o rw: a cafuse mount is read-only")
+    return [o for o in wanted if o != "auto_unmount"]
+
+
 async def cmd_prefetch(args) -> None:
     if args.no_cache:
         raise UsageError("prefetch fills the disk cache; it cannot run with --no-cache")
@@ -353,7 +365,7 @@ async def cmd_prefetch(args) -> None:
 def cmd_mount(args) -> None:
     check_mountpoint(args.mountpoint)
     request = MountRequest(args.index, os.path.abspath(args.mountpoint), options(args),
-                           [o for group in args.fuse_options for o in group.split(",") if o])
+                           fuse_options(args.fuse_options))
     if args.background:
         run_background(request, args.log_file)
     else:

@@ -179,6 +179,7 @@ def test_background_errors_leave_nothing_mounted(full, tmp_path):
         ([junk, mnt], "not a casync index"),
         ([full.index, tmp_path / "missing"], "not an existing directory"),
         (["-s", tmp_path / "nostore", full.index, mnt], "chunk store not found"),
+        (["-o", "allow_other,rw", "-s", full.store, full.index, mnt], "read-only"),
     ]
     for args, message in cases:
         done = subprocess.run([CAFUSE, "mount", "--background", "--no-cache",
@@ -186,6 +187,16 @@ def test_background_errors_leave_nothing_mounted(full, tmp_path):
         assert done.returncode == 1 and message in done.stderr, done.stderr
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
         assert not is_mounted(mnt)
+
+
+def test_auto_unmount_is_taken_as_said(full, tmp_path):
+    # fusermount3 stays alive to honour auto_unmount: waiting for it to exit
+    # held the mount up for 60 s, then failed.  The watchdog does that job.
+    start = time.monotonic()
+    with mounted(full.index, tmp_path / "mnt", "-o", "auto_unmount", "--no-cache",
+                 "-s", full.store) as mnt:
+        assert time.monotonic() - start < 20
+        assert sorted(os.listdir(mnt)) == sorted(os.listdir(full.tree))
 
 
 def test_busy_mountpoint(full, tmp_path):
