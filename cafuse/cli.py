@@ -16,11 +16,11 @@ from .daemon import (MountRequest, check_mountpoint, run_background, run_foregro
 from .diskcache import DiskCache, default_dir
 from .errors import CafuseError, UsageError, first_error
 from .http import TLSOptions
-from .inputs import (DEFAULT_CACHE_BYTES, Input, Options, index_kind, is_catar,
-                     open_input, read_index)
+from .inputs import (DEFAULT_CACHE_BYTES, Input, Options, default_store, index_kind,
+                     is_catar, open_input, read_index)
 from .listing import long_line, quote, size_text, timestamp
 from .prefetch import prefetch
-from .store import HTTPOptions
+from .store import HTTPOptions, is_url
 
 DESCRIPTION = """\
 cafuse reads casync archives lazily: a .caidx index (a directory tree) or a
@@ -342,6 +342,10 @@ async def _copy_to_file(inp, offset, size, output):
         raise
 
 
+def _absolute(spec: str) -> str:
+    return spec if is_url(spec) else os.path.abspath(spec)
+
+
 def fuse_options(groups: list[str]) -> list[str]:
     """The -o options for fusermount3.  auto_unmount is what the mount's
     watchdog does already (and fusermount3 would stay to do it, holding up
@@ -364,6 +368,13 @@ async def cmd_prefetch(args) -> None:
 
 def cmd_mount(args) -> None:
     check_mountpoint(args.mountpoint)
+    # A background mount leaves its directory (not to keep it busy): local
+    # paths are made absolute first.
+    args.index = _absolute(args.index)
+    args.store = [_absolute(s) for s in args.store or [default_store(args.index)]]
+    args.seed = [":".join(_absolute(p) if p else p for p in s.split(":", 1)) for s in args.seed]
+    args.cache_dir = args.cache_dir and os.path.abspath(args.cache_dir)
+    args.log_file = args.log_file and os.path.abspath(args.log_file)
     request = MountRequest(args.index, os.path.abspath(args.mountpoint), options(args),
                            fuse_options(args.fuse_options))
     if args.background:

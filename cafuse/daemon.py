@@ -150,11 +150,15 @@ def run_foreground(request: MountRequest) -> None:
 def run_background(request: MountRequest, log_file: str | None) -> None:
     """Fork; return in the parent once the child's mount is ready, raise
     CafuseError with the child's error otherwise."""
+    try:
+        log_fd = os.open(log_file or os.devnull, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as e:
+        raise CafuseError(f"{log_file}: {e.strerror}") from None
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: serve, and say how the mount went
         os.close(rfd)
-        _detach(log_file)
+        _detach(log_fd)
         code = 0
         try:
             trio.run(serve, request, lambda: _say(wfd, "ready"))
@@ -164,6 +168,7 @@ def run_background(request: MountRequest, log_file: str | None) -> None:
             code = 1
         os._exit(code)
     os.close(wfd)
+    os.close(log_fd)
     with os.fdopen(rfd, "r") as pipe:
         reply = pipe.readline().rstrip("\n")
     if reply == "ready":
@@ -174,16 +179,14 @@ def run_background(request: MountRequest, log_file: str | None) -> None:
     raise CafuseError("the mount process ended before the mount was ready")
 
 
-def _detach(log_file):
+def _detach(log_fd):
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
-    if log_file:
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 2)
-    else:
-        os.dup2(null, 2)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    os.chdir("/")  # not to keep the directory it was started in busy
 
 
 def _say(fd, text):

@@ -180,6 +180,8 @@ def test_background_errors_leave_nothing_mounted(full, tmp_path):
         ([full.index, tmp_path / "missing"], "not an existing directory"),
         (["-s", tmp_path / "nostore", full.index, mnt], "chunk store not found"),
         (["-o", "allow_other,rw", "-s", full.store, full.index, mnt], "read-only"),
+        (["--log-file", tmp_path / "no" / "log", "-s", full.store, full.index, mnt],
+         "no/log: No such file or directory"),
     ]
     for args, message in cases:
         done = subprocess.run([CAFUSE, "mount", "--background", "--no-cache",
@@ -187,6 +189,27 @@ def test_background_errors_leave_nothing_mounted(full, tmp_path):
         assert done.returncode == 1 and message in done.stderr, done.stderr
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
         assert not is_mounted(mnt)
+
+
+def test_a_background_mount_leaves_its_directory_and_keeps_relative_paths(full, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(full.index.parent, work)
+    (work / "mnt").mkdir()
+    done = subprocess.run([CAFUSE, "mount", "--background", "--cache-dir", "cache",
+                           "--log-file", "log", "-s", "default.castr", full.index.name, "mnt"],
+                          cwd=work, capture_output=True, text=True, timeout=60)
+    try:
+        assert done.returncode == 0, done.stderr
+        daemon = subprocess.run(["pgrep", "-f", "-n", "cafuse mount --background"],
+                                capture_output=True, text=True).stdout.split()
+        assert daemon and os.readlink(f"/proc/{daemon[0]}/cwd") == "/"
+        for path in (full.tree / "dir" / "sub" / "deep.txt", full.tree / "hello.txt"):
+            relative = path.relative_to(full.tree)
+            assert (work / "mnt" / relative).read_bytes() == path.read_bytes()
+        assert (work / "cache" / "index.sqlite").exists()
+        assert (work / "log").exists()
+    finally:
+        teardown_mount(work / "mnt")
 
 
 def test_auto_unmount_is_taken_as_said(full, tmp_path):
