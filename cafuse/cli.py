@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import math
 from contextlib import asynccontextmanager
 import os
 import signal
@@ -50,9 +51,10 @@ def parse_size(text: str) -> int:
         number = float(value[:-1] if unit else value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512M, 2G)") from None
-    if number < 0:
+    size = number * SIZE_UNITS[unit]
+    if not 0 <= size < math.inf:  # also NaN
         raise argparse.ArgumentTypeError(f"not a size: {text!r}")
-    return int(number * SIZE_UNITS[unit])
+    return int(size)
 
 
 def _at_least(kind, low):

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import trio
 
@@ -79,7 +80,8 @@ async def build_fs(inp: Input):
         return TreeFS(stream, root, mtime_ns)
     if stream.size:
         await stream.read(0, 1)
-    name = os.path.basename(inp.path.rstrip("/")).removesuffix(".caibx") or "blob"
+    path = urlsplit(inp.path).path if is_url(inp.path) else inp.path
+    name = os.path.basename(path.rstrip("/")).removesuffix(".caibx") or "blob"
     return BlobFS(stream, name, mtime_ns)
 
 

@@ -80,13 +80,22 @@ async def read_index(spec: str, http: HTTPOptions) -> Index:
     """An index from a path or an http(s) URL."""
     if not is_url(spec):
         return read_index_file(spec)
-    base, _slash, name = spec.rpartition("/")
+    base, name = _split_url(spec)
     client = Client(base, 1, dict(http.headers), http.tls)
     try:
         data, _ = await fetch_with_retries(client, name, http, missing_ok=False)
     finally:
         await client.aclose()
     return _parse(spec, data)
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """(the URL of the directory, the name with its query) of a file's URL;
+    a query may hold slashes of its own."""
+    parts = urlsplit(url)
+    directory, _slash, name = parts.path.rpartition("/")
+    query = "?" + parts.query if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}{directory}", name + query
 
 
 def _parse(name, data):
@@ -125,7 +134,7 @@ def default_store(index_spec: str) -> str:
     if os.environ.get("CASYNC_STORE"):
         return os.environ["CASYNC_STORE"]
     if is_url(index_spec):
-        return index_spec.rpartition("/")[0] + "/" + DEFAULT_STORE
+        return _split_url(index_spec)[0] + "/" + DEFAULT_STORE
     return os.path.join(os.path.dirname(index_spec) or ".", DEFAULT_STORE)
 
 

@@ -137,6 +137,20 @@ def test_blob_mount_is_the_blob(casync_archive, tmp_path):
         assert done.returncode != 0
 
 
+def test_a_blob_mounted_by_a_url_with_a_query_is_named_after_the_index(casync_archive,
+                                                                         tmp_path):
+    made = casync_archive("blob5m", chunk_size="16K")
+    www = tmp_path / "www"
+    www.mkdir()
+    shutil.copy(made.index, www)
+    os.symlink(made.store, www / "default.castr")
+    with Nginx(www, tmp_path / "nginx") as nginx:
+        url = f"{nginx.url}/{made.index.name}?signature=a/b"
+        with mounted(url, tmp_path / "mnt", "--no-cache") as mnt:
+            assert os.listdir(mnt) == ["blob5m"]
+            sh("cmp", mnt / "blob5m", made.tree)
+
+
 IMAGE_MAKERS = {
     "ext4": lambda src, img: sh("mkfs.ext4", "-q", "-F", "-d", src, img, "8M"),
     "squashfs": lambda src, img: sh("mksquashfs", src, img, "-quiet", "-noappend"),

@@ -189,3 +189,10 @@ def test_missing_store(casync_archive, tmp_path):
 def test_bad_flag(full):
     done = run("ls", "--bogus", full.index, ok=False)
     assert done.returncode == 2 and b"Traceback" not in done.stderr
+
+
+def test_sizes_that_are_no_size_are_refused(full):
+    for size in ("inf", "1e400", "nan", "1e308G", "-1M", "12X"):
+        done = run("cat", f"--cache-size={size}", full.index, "hello.txt", ok=False)
+        assert done.returncode == 2 and b"not a size" in done.stderr, (size, done.stderr)
+        assert b"Traceback" not in done.stderr
