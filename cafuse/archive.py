@@ -30,8 +30,9 @@ _MAX_SYMLINKS = 40
 class ByteSource(Protocol):
     size: int
 
-    async def read(self, offset: int, size: int) -> bytes:
-        """Bytes ``[offset, offset+size)``, shorter only at the end."""
+    async def read(self, offset: int, size: int, urgent: bool = True) -> bytes:
+        """Bytes ``[offset, offset+size)``, shorter only at the end; not
+        ``urgent`` when nobody waits for them yet."""
 
     async def preload(self, ranges: list[tuple[int, int]]) -> None:
         """A hint: these ``(offset, size)`` ranges are about to be read."""

@@ -26,6 +26,7 @@ import trio
 from . import chunk
 from .diskcache import DiskCache, DiskFull
 from .errors import CafuseError, ChunkError, single_errors
+from .slots import Priority
 
 log = logging.getLogger("cafuse")
 
@@ -79,9 +80,10 @@ class _Shared:
     """A load of one chunk that other demand readers wait for; ``data`` is
     the chunk once loaded (kept for them even when it is too large for the
     memory LRU), ``error`` why the load failed, if it said."""
-    __slots__ = ("done", "data", "error")
+    __slots__ = ("done", "data", "error", "priority")
 
-    def __init__(self):
+    def __init__(self, priority: Priority):
+        self.priority = priority
         self.done = trio.Event()
         self.data = None
         self.error = None
@@ -118,7 +120,7 @@ class ChunkEngine:
         return (await self.get_many([(chunk_id, size)], remember))[0]
 
     async def get_many(self, wanted: list[tuple[bytes, int]],
-                       remember: bool = True) -> list[bytes]:
+                       remember: bool = True, urgent: bool = True) -> list[bytes]:
         """Several chunks at once: the local part of the search runs in one
         worker-thread hop for all of them, the remote part concurrently.
 
@@ -126,61 +128,77 @@ class ChunkEngine:
         loading is waited for, not loaded twice.  Bulk reads
         (``remember=False``) load what they need themselves: waiting for a
         chunk they would then not find in memory would only cost a second
-        load."""
+        load.  Loads that nobody waits for yet (readahead) are not
+        ``urgent``: their fetches yield their turn to urgent ones, until an
+        urgent reader comes to wait for them."""
         joined = trio.current_time()
         results = [self._from_memory(cid) for cid, _size in wanted]
-        mine, theirs = {}, []
+        mine, theirs, priority, shares = {}, [], {}, {}
         for k, (cid, _size) in enumerate(wanted):
             if results[k] is not None:
                 continue
             if remember and cid in self._loading:
-                theirs.append((k, self._loading[cid]))
+                shared = self._loading[cid]
+                if urgent:
+                    shared.priority.make_urgent()
+                theirs.append((k, shared))
             elif cid in mine:
                 mine[cid].append(k)
             else:
                 mine[cid] = [k]
+                priority[cid] = Priority(urgent)
                 if remember:
-                    self._loading[cid] = _Shared()
-        error = None
-        try:
-            if mine:
-                await self._load(wanted, mine, results)
-                if self.disk is not None and self.disk.flush_due():
-                    await trio.to_thread.run_sync(self._disk_call, "flush",
-                                                  limiter=self._limiter)
-                if remember:
-                    for cid, ks in mine.items():
-                        self._remember(cid, results[ks[0]])
-        except CafuseError as e:
-            error = e
-            raise
-        finally:
-            if remember:
-                for cid, ks in mine.items():
-                    shared = self._loading.pop(cid)
-                    shared.data = results[ks[0]]
-                    shared.error = error
-                    shared.done.set()
+                    self._loading[cid] = shares[cid] = _Shared(priority[cid])
+        if mine:
+            await self._load_shared(wanted, mine, results, priority, shares)
         for k, shared in theirs:
             await shared.done.wait()
             data = shared.data
             if data is None:
-                data = await self._again(wanted[k], remember, shared.error, joined)
+                data = await self._again(wanted[k], remember, urgent, shared.error, joined)
             else:
                 self._account("memory")
             results[k] = data
         return results
 
-    async def _again(self, want, remember, error, joined):
+    async def _load_shared(self, wanted, mine, results, priority, shares):
+        """Load ``mine``; each chunk goes to the readers waiting for it
+        (its ``shares`` entry) as soon as it is here, not when the whole
+        load is, and a load that fails tells them why."""
+        def on_arrival(cid, data):
+            shared = shares.pop(cid, None)
+            if shared is not None:
+                self._remember(cid, data)
+                self._settle(cid, shared, data, None)
+        error = None
+        try:
+            await self._load(wanted, mine, results, priority, on_arrival)
+            if self.disk is not None and self.disk.flush_due():
+                await trio.to_thread.run_sync(self._disk_call, "flush",
+                                              limiter=self._limiter)
+        except CafuseError as e:
+            error = e
+            raise
+        finally:
+            for cid, shared in shares.items():
+                self._settle(cid, shared, None, error)
+
+    def _settle(self, cid, shared, data, error):
+        if self._loading.get(cid) is shared:
+            del self._loading[cid]
+        shared.data, shared.error = data, error
+        shared.done.set()
+
+    async def _again(self, want, remember, urgent, error, joined):
         """A chunk whose load by another task failed (or was cancelled with
         its reader), loaded again within what is left of this reader's own
         deadline; when nothing is left, that load's error."""
         with trio.move_on_at(joined + self.deadline):
-            return (await self.get_many([want], remember))[0]
+            return (await self.get_many([want], remember, urgent))[0]
         raise error or ChunkError(f"chunk {want[0].hex()}: not delivered within "
                                   f"{self.deadline:g} s")
 
-    async def _load(self, wanted, mine, results):
+    async def _load(self, wanted, mine, results, priority, on_arrival):
         firsts = [ks[0] for ks in mine.values()]
 
         def look_nearby():
@@ -194,8 +212,9 @@ class ChunkEngine:
             else:
                 self._account(source, raw_size)
                 results[k] = data
+                on_arrival(wanted[k][0], data)
         if far:
-            await self._load_far(wanted, far, results)
+            await self._load_far(wanted, far, results, priority, on_arrival)
         for ks in mine.values():
             for k in ks[1:]:
                 results[k] = results[ks[0]]
@@ -240,7 +259,7 @@ class ChunkEngine:
             return str(state.store), data, len(found[0]), problems
         return None, None, 0, problems
 
-    async def _load_far(self, wanted, far, results):
+    async def _load_far(self, wanted, far, results, priority, on_arrival):
         """Fetch from the remaining stores concurrently, and decode what has
         arrived in one worker-thread hop per group (a hop per chunk costs
         the event loop, which is what bounds remote fetching).  A chunk that
@@ -248,7 +267,8 @@ class ChunkEngine:
         arrived_in, arrived = trio.open_memory_channel(len(far))
 
         async def fetch(k, problems):
-            position, found = await self._fetch_with_deadline(wanted[k][0], problems, 0)
+            position, found = await self._fetch_with_deadline(
+                wanted[k][0], problems, 0, priority[wanted[k][0]])
             arrived_in.send_nowait((k, problems, position, found))
 
         async def decode_arrivals():
@@ -267,10 +287,12 @@ class ChunkEngine:
                     limiter=self._limiter)
                 for (k, problems, position, found), outcome in zip(group, outcomes):
                     if isinstance(outcome, ChunkError):
-                        outcome = await self._far_again(wanted[k], problems, position, outcome)
+                        outcome = await self._far_again(wanted[k], problems, position, outcome,
+                                                        priority[wanted[k][0]])
                     else:
                         self._account(str(self._far_stores[position].store), len(found[0]))
                     results[k] = outcome
+                    on_arrival(wanted[k][0], outcome)
 
         with single_errors():
             async with trio.open_nursery() as nursery:
@@ -278,14 +300,15 @@ class ChunkEngine:
                 for k, problems in far:
                     nursery.start_soon(fetch, k, problems)
 
-    async def _far_again(self, want, problems, position, error):
+    async def _far_again(self, want, problems, position, error, priority):
         """After ``error`` from the store at ``position``: the next stores,
         one at a time."""
         while True:
             store = self._far_stores[position].store
             problems.append(f"{error} ({store})")
             log.warning("%s (store %s)", error, store)
-            position, found = await self._fetch_with_deadline(want[0], problems, position + 1)
+            position, found = await self._fetch_with_deadline(want[0], problems, position + 1,
+                                                              priority)
             outcome = await trio.to_thread.run_sync(self._decode, want, position, found,
                                                     limiter=self._limiter)
             if not isinstance(outcome, ChunkError):
@@ -293,13 +316,13 @@ class ChunkEngine:
                 return outcome
             error = outcome
 
-    async def _fetch_with_deadline(self, chunk_id, problems, start):
+    async def _fetch_with_deadline(self, chunk_id, problems, start, priority):
         with trio.move_on_after(self.deadline):
-            return await self._fetch(chunk_id, problems, start)
+            return await self._fetch(chunk_id, problems, start, priority)
         problems.append(f"not delivered within {self.deadline:g} s")
         raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems))
 
-    async def _fetch(self, chunk_id, problems, start):
+    async def _fetch(self, chunk_id, problems, start, priority):
         """(store position, (raw bytes, compressed)) from the first of the
         remaining stores, from ``start`` on, that has the chunk."""
         for position in range(start, len(self._far_stores)):
@@ -313,7 +336,7 @@ class ChunkEngine:
                                                           limiter=self._limiter)
                 else:
                     with state.fetching() as scope:
-                        found = await state.store.fetch(chunk_id)
+                        found = await state.store.fetch(chunk_id, priority)
                     if scope.cancelled_caught:
                         problems.append(f"{state.store} set aside after errors")
                         continue

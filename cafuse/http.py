@@ -16,6 +16,7 @@ import h11
 import trio
 
 from .errors import CafuseError
+from .slots import Priority, Slots
 
 _READ_SIZE = 256 * 1024
 
@@ -133,24 +134,25 @@ class Client:
         self.max_body = max_body
         self._tls = (tls or TLSOptions()).context() if self.scheme == "https" else None
         self._idle: list[_Connection] = []
-        # A place among the requests in flight; a caller that tries a
-        # request again keeps its place (see get_in_slot).
-        self.slot = trio.Semaphore(max_connections)
+        # Places among the requests in flight, urgent requests first; a
+        # caller that tries a request again keeps its place (get_in_slot).
+        self.slots = Slots(max_connections)
 
     def url(self, path: str) -> str:
         return f"{self.scheme}://{self.host_header}{self.base_path}/{path}"
 
-    async def get(self, path: str, timeout: float = math.inf) -> Response:
+    async def get(self, path: str, timeout: float = math.inf,
+                  priority: Priority | None = None) -> Response:
         """GET ``<base>/<path>``; any status is returned, transport trouble
         raises HTTPError.  ``timeout`` bounds the request from the moment
         it has a place among the requests in flight: the wait for one is
         not counted, as hundreds of queued chunk requests on a slow link
-        are no sign of trouble."""
-        async with self.slot:
+        are no sign of trouble.  Urgent by default."""
+        async with self.slots.hold(priority or Priority()):
             return await self.get_in_slot(path, timeout)
 
     async def get_in_slot(self, path: str, timeout: float = math.inf) -> Response:
-        """``get`` for a caller that holds ``slot``."""
+        """``get`` for a caller that holds a place in ``slots``."""
         with trio.move_on_after(timeout):
             return await self._get(path, f"{self.base_path}/{path}")
         raise HTTPError(f"{self.url(path)}: no answer within {timeout:g} s", True)

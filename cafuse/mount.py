@@ -93,7 +93,7 @@ class _Base:
 
     async def _prefetch(self, offset, size):
         try:
-            await self.stream.read(offset, size)
+            await self.stream.read(offset, size, urgent=False)
         except CafuseError as e:
             log.info("prefetch of bytes %d..%d: %s", offset, offset + size, e)
         finally:

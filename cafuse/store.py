@@ -17,6 +17,7 @@ import trio
 
 from .errors import CafuseError
 from .http import Client, HTTPError, TLSOptions
+from .slots import Priority
 
 SUFFIX = os.environ.get("CASYNC_COMPRESSED_CHUNK_SUFFIX", ".cacnk")
 
@@ -78,25 +79,27 @@ class HTTPStore:
     def __str__(self) -> str:
         return self.url
 
-    async def fetch(self, chunk_id: bytes) -> tuple[bytes, bool] | None:
+    async def fetch(self, chunk_id: bytes,
+                    priority: Priority | None = None) -> tuple[bytes, bool] | None:
         """The compressed chunk, or None on 404/410.  Connection errors,
         timeouts, 5xx and 429 are retried with exponential back-off and
         jitter; what still fails raises HTTPError."""
         return await fetch_with_retries(self.client, chunk_path(chunk_id) + SUFFIX,
-                                        self.options, missing_ok=True)
+                                        self.options, missing_ok=True, priority=priority)
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
 async def fetch_with_retries(client: Client, path: str, options: HTTPOptions,
-                             missing_ok: bool) -> tuple[bytes, bool] | None:
+                             missing_ok: bool,
+                             priority: Priority | None = None) -> tuple[bytes, bool] | None:
     delay, attempt = options.backoff, 0
     # One place among the client's requests in flight for all the tries: a
     # try that queued again behind every other chunk would, on a dead store
     # with a long queue, never run out of tries within the chunk's
     # deadline, so the store would never be set aside for the next one.
-    async with client.slot:
+    async with client.slots.hold(priority or Priority()):
         while True:
             try:
                 response = await client.get_in_slot(path, options.timeout)

@@ -47,12 +47,14 @@ class IndexStream:
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         return data[start:start + size]
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int, urgent: bool = True) -> bytes:
+        """Bytes ``[offset, offset+size)``; not ``urgent`` for reading
+        ahead of a reader (engine.get_many)."""
         data = self.read_cached(offset, size)  # the common case: all in memory
         if data is not None:
             return data
         span = self.index.span(offset, size)
-        parts = await self.engine.get_many(self._wanted(span))
+        parts = await self.engine.get_many(self._wanted(span), urgent=urgent)
         data = parts[0] if len(parts) == 1 else b"".join(parts)
         start = offset - self.index.start(span[0])
         return data[start:start + size]
@@ -60,10 +62,11 @@ class IndexStream:
     async def preload(self, ranges: list[tuple[int, int]]) -> None:
         """Bring the chunks under ``(offset, size)`` ranges into the memory
         cache, all at once: a caller about to read many small ranges then
-        waits for one round of concurrent fetches, not one per range."""
+        waits for one round of concurrent fetches, not one per range.  Not
+        urgent: a reader that comes to need them makes them so."""
         chunks = sorted({i for offset, size in ranges for i in self.index.span(offset, size)})
         if chunks:
-            await self.engine.get_many(self._wanted(chunks))
+            await self.engine.get_many(self._wanted(chunks), urgent=False)
 
     async def copy(self, offset: int, size: int, write: Callable[[bytes], object],
                    ahead: int = _AHEAD) -> None:
@@ -125,7 +128,7 @@ class FileSource:
         self._fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self._fd).st_size
 
-    async def read(self, offset: int, size: int) -> bytes:
+    async def read(self, offset: int, size: int, urgent: bool = True) -> bytes:
         return os.pread(self._fd, max(0, min(size, self.size - offset)), offset)
 
     async def preload(self, ranges: list[tuple[int, int]]) -> None:

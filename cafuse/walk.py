@@ -189,7 +189,8 @@ class WalkAhead:
         files = []
         for run in _runs([e for e in batch if self.known(node_of(e))]):
             start = run[0].payload
-            data = await self.stream.read(start, run[-1].payload + run[-1].size - start)
+            data = await self.stream.read(start, run[-1].payload + run[-1].size - start,
+                                          urgent=False)
             await trio.lowlevel.checkpoint()  # a FUSE request may be waiting
             view = memoryview(data)
             files.extend((e, view[e.payload - start:e.payload - start + e.size]) for e in run)

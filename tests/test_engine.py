@@ -13,6 +13,7 @@ from cafuse.diskcache import DiskCache, DiskFull
 from cafuse.engine import DISK_FAILURES, ChunkEngine
 from cafuse.errors import CafuseError, ChunkError
 from cafuse.http import HTTPError
+from cafuse.slots import Priority, Slots
 from cafuse.store import HTTPOptions, HTTPStore, LocalStore, chunk_path
 
 
@@ -33,7 +34,7 @@ class Store:
     def __str__(self):
         return self.name
 
-    async def fetch(self, cid):
+    async def fetch(self, cid, priority=None):
         self.calls.append(cid)
         what = self.fault(cid, self.calls.count(cid))
         if what == "stall":
@@ -247,3 +248,36 @@ async def test_a_reader_whose_shared_load_was_cancelled_loads_it_itself():
         nursery.start_soon(joiner)
     assert got == [da]
     assert len(store.calls) == 2
+
+
+class OneLineStore(Store):
+    """A store behind one connection (the client's places, as HTTPStore);
+    ``asked`` in the order the engine asked, ``calls`` in the order served."""
+
+    def __init__(self, name, chunks, delay):
+        super().__init__(name, chunks, delay=delay)
+        self.slots = Slots(1)
+        self.asked = []
+
+    async def fetch(self, cid, priority=None):
+        self.asked.append(cid)
+        async with self.slots.hold(priority or Priority()):
+            return await super().fetch(cid)
+
+
+async def test_a_reader_moves_the_readahead_it_waits_for_to_the_front():
+    chunks = [chunk(n) for n in range(8)]
+    sizes = dict(_want(c) for c in chunks)
+    store = OneLineStore("s", chunks, delay=0.1)
+    eng = engine([store])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: eng.get_many([_want(c) for c in chunks[:6]], urgent=False))
+        with trio.fail_after(2):
+            while len(store.asked) < 6 or not store.calls:
+                await trio.sleep(0.005)
+        last = store.asked[-1]  # queued behind the other five
+        assert await eng.get(last, sizes[last]) == dict(chunks)[last]
+        assert await eng.get(*_want(chunks[7])) == chunks[7][1]   # not read ahead
+    assert store.calls.index(last) == 1
+    # After the one request that had the line when the reader came back.
+    assert store.calls.index(chunks[7][0]) == 3

@@ -1,7 +1,10 @@
 """HTTP client faults found in review: stale keep-alive connections,
 bytes after a response, a timeout that counted the wait for a connection."""
 import trio
+import trio.testing
+
 from cafuse.http import Client
+from cafuse.slots import Priority
 from cafuse.store import HTTPOptions, fetch_with_retries
 
 RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -95,3 +98,25 @@ async def test_bytes_after_a_response_are_not_read_as_the_next_response():
         body = (await c.get("other.caidx")).body
         n.cancel_scope.cancel()
     assert body != b"WRONG", "the second request got the first one's stray bytes as its response"
+
+
+async def test_a_demand_read_does_not_queue_behind_readahead():
+    # One connection, 0.2 s an answer: six chunks read ahead are queued when
+    # a reader asks for another; it is answered next, not seventh.
+    async with trio.open_nursery() as n:
+        url = await serve(n, slow_server)
+        c = Client(url, max_connections=1)
+        opts = HTTPOptions(retries=0)
+        done = []
+
+        async def fetch(name, urgent):
+            await fetch_with_retries(c, name, opts, missing_ok=False,
+                                     priority=Priority(urgent))
+            done.append(name)
+        async with trio.open_nursery() as m:
+            for k in range(6):
+                m.start_soon(fetch, f"ahead{k}", False)
+                await trio.testing.wait_all_tasks_blocked()
+            m.start_soon(fetch, "read", True)
+        assert done.index("read") <= 1
+        n.cancel_scope.cancel()
