@@ -15,7 +15,7 @@ import pytest
 import oracle
 from command import CAFUSE
 from conftest import is_mounted, mounted, teardown_mount
-from servers import FaultServer, Nginx
+from servers import FaultServer, Nginx, dead_url
 from touch import sh, walk
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
@@ -40,9 +40,29 @@ def test_tree_mount_matches_casync_extract(full, tmp_path):
     expected = {p: comparable(i) for p, i in walk(tmp_path / "extracted", TESTS).items()}
     with mounted(full.index, tmp_path / "mnt", "--no-cache", "-s", full.store) as mnt:
         got = {p: comparable(i) for p, i in walk(mnt, TESTS).items()}
+        root = comparable(oracle.describe(mnt))
     assert set(got) == set(expected)
     for path, info in expected.items():
         assert got[path] == info, path
+    assert root == comparable(oracle.describe(tmp_path / "extracted"))
+
+
+def test_inode_numbers_are_stable_and_listed(full, tmp_path):
+    def inodes(mnt):
+        out = {}
+        for dirpath, _dirs, _files in os.walk(mnt):
+            for entry in os.scandir(dirpath):
+                st = entry.stat(follow_symlinks=False)
+                assert entry.inode() == st.st_ino, entry.path  # d_ino is st_ino
+                out[os.path.relpath(entry.path, mnt)] = st.st_ino
+        return out
+    with mounted(full.index, tmp_path / "a", "--no-cache", "-s", full.store) as mnt:
+        first = inodes(mnt)
+    with mounted(full.index, tmp_path / "b", "--no-cache", "-s", full.store) as mnt:
+        os.listdir(mnt / "dir")  # another order of first sight
+        second = inodes(mnt)
+    assert first == second
+    assert len(set(first.values())) == len(first)  # no hard links in the archive
 
 
 def test_tar_of_a_mount_is_the_tree(tmp_path):
@@ -194,6 +214,7 @@ def test_background_errors_leave_nothing_mounted(full, tmp_path):
         ([full.index, tmp_path / "missing"], "not an existing directory"),
         (["-s", tmp_path / "nostore", full.index, mnt], "chunk store not found"),
         (["-o", "allow_other,rw", "-s", full.store, full.index, mnt], "read-only"),
+        (["--retries", "0", "-s", dead_url(), full.index, mnt], "cannot connect"),
         (["--log-file", tmp_path / "no" / "log", "-s", full.store, full.index, mnt],
          "no/log: No such file or directory"),
     ]

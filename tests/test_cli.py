@@ -196,3 +196,15 @@ def test_sizes_that_are_no_size_are_refused(full):
         done = run("cat", f"--cache-size={size}", full.index, "hello.txt", ok=False)
         assert done.returncode == 2 and b"not a size" in done.stderr, (size, done.stderr)
         assert b"Traceback" not in done.stderr
+
+
+def test_the_kind_of_an_index_without_a_suffix_comes_from_its_header(full, casync_archive,
+                                                                    tmp_path):
+    blob = casync_archive("blob1m")
+    tree_copy, blob_copy = tmp_path / "tree-index", tmp_path / "blob-index"
+    shutil.copy(full.index, tree_copy)
+    shutil.copy(blob.index, blob_copy)
+    assert "archive index (.caidx)" in run("info", tree_copy).stdout.decode()
+    assert "blob index (.caibx)" in run("info", blob_copy).stdout.decode()
+    assert run("cat", "-s", full.store, tree_copy, "hello.txt").stdout == b"hello casync\n"
+    assert run("cat", "-s", blob.store, blob_copy).stdout == blob.tree.read_bytes()
