@@ -32,6 +32,10 @@ log = logging.getLogger("cafuse")
 
 DEFAULT_MEMORY_BYTES = 64 << 20
 DISK_FAILURES = 3    # failed disk cache calls in a row before going on without it
+# A chunk that could not be had fails again at once for this long: the
+# kernel follows a failed readahead READ with a READ of the same page,
+# which must not cost a second deadline.
+FAILURE_MEMORY = 1.0
 DISK_WARN_EVERY = 60.0  # seconds between warnings about the disk cache
 _DISK_READS = frozenset({"get", "present"})
 # Worker threads for decoding, hashing and cache I/O: one per core.  More
@@ -107,6 +111,7 @@ class ChunkEngine:
         self._memory = cachetools.LRUCache(memory_bytes, getsizeof=len) \
             if memory_bytes else None
         self._loading: dict[bytes, _Shared] = {}
+        self._failed = cachetools.TTLCache(4096, FAILURE_MEMORY)
         self._limiter = trio.CapacityLimiter(threads)
         self._disk_lock = threading.Lock()
         # Failed cache calls in a row, reads (get, present) and writes (put,
@@ -133,6 +138,9 @@ class ChunkEngine:
         urgent reader comes to wait for them."""
         joined = trio.current_time()
         results = [self._from_memory(cid) for cid, _size in wanted]
+        for k, (cid, _size) in enumerate(wanted):
+            if results[k] is None and cid in self._failed:
+                raise self._failed[cid]
         mine, theirs, priority, shares = {}, [], {}, {}
         for k, (cid, _size) in enumerate(wanted):
             if results[k] is not None:
@@ -178,6 +186,11 @@ class ChunkEngine:
                                               limiter=self._limiter)
         except CafuseError as e:
             error = e
+            # Its other chunks were given up with it: the same read, asked
+            # again at once, would wait for them a second deadline.
+            for cid, ks in mine.items():
+                if results[ks[0]] is None:
+                    self._failed.setdefault(cid, e)
             raise
         finally:
             for cid, shared in shares.items():
@@ -318,9 +331,15 @@ class ChunkEngine:
 
     async def _fetch_with_deadline(self, chunk_id, problems, start, priority):
         with trio.move_on_after(self.deadline):
-            return await self._fetch(chunk_id, problems, start, priority)
+            try:
+                return await self._fetch(chunk_id, problems, start, priority)
+            except ChunkError as e:
+                self._failed[chunk_id] = e
+                raise
         problems.append(f"not delivered within {self.deadline:g} s")
-        raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems))
+        self._failed[chunk_id] = error = ChunkError(f"chunk {chunk_id.hex()}: "
+                                                    + "; ".join(problems))
+        raise error
 
     async def _fetch(self, chunk_id, problems, start, priority):
         """(store position, (raw bytes, compressed)) from the first of the

@@ -15,7 +15,7 @@ import pytest
 import oracle
 from command import CAFUSE
 from conftest import is_mounted, mounted, teardown_mount
-from servers import FaultServer, Nginx, dead_url
+from servers import FaultServer, Nginx, dead_url, kill_quietly
 from touch import sh, walk
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
@@ -324,6 +324,36 @@ def test_store_outage_gives_eio_then_recovers(casync_archive, tmp_path):
             down["on"] = False
             time.sleep(5.5)  # the store's set-aside period ends
             assert sh("cat", mnt / "random.bin").stdout == (made.tree / "random.bin").read_bytes()
+
+
+def test_a_hung_store_holds_up_only_the_reads_that_need_it(casync_archive, tmp_path):
+    made = casync_archive("full", chunk_size="4K")
+    stall = {"on": False}
+    with FaultServer(made.store, lambda path, n: "stall" if stall["on"] else None) as server:
+        with mounted(made.index, tmp_path / "mnt", "--no-cache", "-s", server.url,
+                     "--timeout", "60", "--retries", "0", "--deadline", "6") as mnt:
+            hello = sh("cat", mnt / "hello.txt").stdout
+            listing = sorted(os.listdir(mnt / "dir"))
+            stall["on"] = True
+            asked = time.monotonic()
+            hung = subprocess.Popen(["cat", str(mnt / "random.bin")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                time.sleep(1)
+                assert hung.poll() is None  # waiting for the store
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("3")  # from here the daemon answers, not the kernel's caches
+                start = time.monotonic()
+                assert sh("cat", mnt / "hello.txt").stdout == hello
+                assert sorted(os.listdir(mnt / "dir")) == listing
+                assert time.monotonic() - start < 2
+                assert hung.wait(timeout=30) != 0
+                assert b"Input/output error" in hung.stderr.read()
+                # At the deadline: the kernel's second READ of a page whose
+                # readahead failed is answered at once, not after another.
+                assert time.monotonic() - asked < 6 + 2
+            finally:
+                kill_quietly(hung)
 
 
 def test_listing_the_root_fetches_few_chunks(casync_archive, tmp_path):

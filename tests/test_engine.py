@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from cafuse.diskcache import DiskCache, DiskFull
-from cafuse.engine import DISK_FAILURES, ChunkEngine
+from cafuse.engine import DISK_FAILURES, FAILURE_MEMORY, ChunkEngine
 from cafuse.errors import CafuseError, ChunkError
 from cafuse.http import HTTPError
 from cafuse.slots import Priority, Slots
@@ -281,3 +281,17 @@ async def test_a_reader_moves_the_readahead_it_waits_for_to_the_front():
     assert store.calls.index(last) == 1
     # After the one request that had the line when the reader came back.
     assert store.calls.index(chunks[7][0]) == 3
+
+
+async def test_a_chunk_that_could_not_be_had_fails_again_at_once_for_a_moment():
+    (a, da), = [chunk(1)]
+    store = Store("s", [(a, da)], lambda cid, n: "stall" if n == 1 else None)
+    eng = engine([store], deadline=0.3)
+    with pytest.raises(ChunkError, match="not delivered"):
+        await eng.get(a, len(da))
+    start = trio.current_time()
+    with pytest.raises(ChunkError, match="not delivered"):
+        await eng.get(a, len(da))          # the kernel's retry of a failed page
+    assert trio.current_time() - start < 0.1 and len(store.calls) == 1
+    await trio.sleep(FAILURE_MEMORY)
+    assert await eng.get(a, len(da)) == da  # then it is asked for again
