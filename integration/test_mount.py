@@ -319,7 +319,7 @@ def test_store_outage_gives_eio_then_recovers(casync_archive, tmp_path):
             start = time.monotonic()
             failed = sh("cat", mnt / "random.bin", check=False, timeout=30)
             assert failed.returncode != 0 and b"Input/output error" in failed.stderr
-            assert time.monotonic() - start < 15
+            assert time.monotonic() - start < 3 + 2  # the deadline, once
             assert sh("cat", mnt / "hello.txt").stdout == b"hello casync\n"  # cached
             down["on"] = False
             time.sleep(5.5)  # the store's set-aside period ends
