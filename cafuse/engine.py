@@ -25,16 +25,17 @@ import trio
 
 from . import chunk
 from .diskcache import DiskCache, DiskFull
-from .errors import CafuseError, ChunkError, single_errors
+from .errors import CafuseError, ChunkError, ChunkTimeout, single_errors
 from .slots import Priority
 
 log = logging.getLogger("cafuse")
 
 DEFAULT_MEMORY_BYTES = 64 << 20
 DISK_FAILURES = 3    # failed disk cache calls in a row before going on without it
-# A chunk that could not be had fails again at once for this long: the
-# kernel follows a failed readahead READ with a READ of the same page,
-# which must not cost a second deadline.
+# A chunk not delivered within its deadline fails again at once for this
+# long: the kernel follows a failed readahead READ with a READ of the same
+# page, which must not cost a second deadline.  (Quick failures are not
+# remembered: trying again costs little, and the store may be back.)
 FAILURE_MEMORY = 1.0
 DISK_WARN_EVERY = 60.0  # seconds between warnings about the disk cache
 _DISK_READS = frozenset({"get", "present"})
@@ -186,11 +187,12 @@ class ChunkEngine:
                                               limiter=self._limiter)
         except CafuseError as e:
             error = e
-            # Its other chunks were given up with it: the same read, asked
-            # again at once, would wait for them a second deadline.
-            for cid, ks in mine.items():
-                if results[ks[0]] is None:
-                    self._failed.setdefault(cid, e)
+            if isinstance(e, ChunkTimeout):
+                # Its other chunks were given up with it: the same read,
+                # asked again at once, would wait for them a second deadline.
+                for cid, ks in mine.items():
+                    if results[ks[0]] is None:
+                        self._failed.setdefault(cid, e)
             raise
         finally:
             for cid, shared in shares.items():
@@ -331,14 +333,10 @@ class ChunkEngine:
 
     async def _fetch_with_deadline(self, chunk_id, problems, start, priority):
         with trio.move_on_after(self.deadline):
-            try:
-                return await self._fetch(chunk_id, problems, start, priority)
-            except ChunkError as e:
-                self._failed[chunk_id] = e
-                raise
+            return await self._fetch(chunk_id, problems, start, priority)
         problems.append(f"not delivered within {self.deadline:g} s")
-        self._failed[chunk_id] = error = ChunkError(f"chunk {chunk_id.hex()}: "
-                                                    + "; ".join(problems))
+        self._failed[chunk_id] = error = ChunkTimeout(f"chunk {chunk_id.hex()}: "
+                                                      + "; ".join(problems))
         raise error
 
     async def _fetch(self, chunk_id, problems, start, priority):

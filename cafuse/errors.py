@@ -27,6 +27,10 @@ class ChunkError(CafuseError):
     """A chunk that no store could deliver with the right content."""
 
 
+class ChunkTimeout(ChunkError):
+    """A chunk that no store delivered within its deadline."""
+
+
 class NotFoundError(CafuseError):
     """A path that does not exist in an archive."""
 

@@ -283,7 +283,7 @@ async def test_a_reader_moves_the_readahead_it_waits_for_to_the_front():
     assert store.calls.index(chunks[7][0]) == 3
 
 
-async def test_a_chunk_that_could_not_be_had_fails_again_at_once_for_a_moment():
+async def test_a_chunk_not_delivered_in_time_fails_again_at_once_for_a_moment():
     (a, da), = [chunk(1)]
     store = Store("s", [(a, da)], lambda cid, n: "stall" if n == 1 else None)
     eng = engine([store], deadline=0.3)
