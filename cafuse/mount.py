@@ -197,8 +197,11 @@ class BlobFS(_Base):
             raise FuseError(errno.ENOTDIR)
         _, offset, size = proto.read_arg(req.body)
         out = proto.DirentBuffer(size, plus=req.opcode == proto.READDIRPLUS)
-        if offset == 0:
-            out.add(self.name, self._node_attr(self.FILE), 1, TIMEOUT)
+        root = self._node_attr(ROOT)
+        entries = [(b".", root), (b"..", root), (self.name, self._node_attr(self.FILE))]
+        for k in range(offset, len(entries)):
+            if not out.add(*entries[k], k + 1, TIMEOUT):
+                break
         return out.payload()
 
     def open(self, req):
@@ -290,14 +293,15 @@ class TreeFS(_Base):
         parent = self._entry(req.nodeid)
         if not parent.is_dir:
             raise FuseError(errno.ENOTDIR)
-        return self._lookup(parent, proto.name_arg(req.body))
+        return self._lookup(req.nodeid, parent, proto.name_arg(req.body))
 
-    async def _lookup(self, parent, name):
+    async def _lookup(self, node, parent, name):
         with _errors_as_eio(f"lookup of {name!r}"):
             child = await self.archive.lookup(parent, name)
         if child is None:
             return proto.entry_out(None, TIMEOUT)
         self._remember(child)
+        self._parents[self.inode_of(child)] = node
         return proto.entry_out(self._entry_attr(child), TIMEOUT)
 
     def forget(self, req):
@@ -334,16 +338,27 @@ class TreeFS(_Base):
         return self._dirents(node, children, offset, out)
 
     def _dirents(self, node, children, offset, out):
+        """Entries from ``offset`` on: "." and ".." (which the kernel does
+        not count as lookups), then the children, at offsets 3, 4, ..."""
         if offset == 0 and out.plus:
             self.walk.listed(node, children)
-        for k in range(offset, len(children)):
+        dots = self._dots(node)
+        for k in range(offset, len(dots)):
+            if not out.add(*dots[k], k + 1, TIMEOUT):
+                return out.payload()
+        for k in range(max(offset - len(dots), 0), len(children)):
             child = children[k]
-            if not out.add(child.name, self._entry_attr(child), k + 1, TIMEOUT):
+            if not out.add(child.name, self._entry_attr(child), k + 1 + len(dots), TIMEOUT):
                 break
             if out.plus:  # each entry of READDIRPLUS counts as a lookup
                 self._remember(child)
                 self._parents[self.inode_of(child)] = node
         return out.payload()
+
+    def _dots(self, node):
+        own = self._entry_attr(self._entry(node))
+        parent = self._entries.get(self._parents.get(node))  # the root is its own
+        return [(b".", own), (b"..", own if parent is None else self._entry_attr(parent))]
 
     def readlink(self, req):
         entry = self._entry(req.nodeid)

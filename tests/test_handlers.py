@@ -1,6 +1,7 @@
 """The file systems' FUSE handlers (mount.py), called directly with
 requests as the kernel sends them: no FUSE mount needed."""
 
+import os
 import struct
 
 import trio
@@ -27,16 +28,22 @@ def readdir_body(offset, size=4096):
     return struct.pack("<QQIIQII", 0, offset, size, 0, 0, 0, 0)
 
 
-def direntplus(payload):
-    """(name, next offset) of each entry of a READDIRPLUS reply."""
+def direntplus(payload, field=1):
+    """(name, next offset) of each entry of a READDIRPLUS reply (or, with
+    ``field=0``, (name, inode number))."""
     out, pos = [], 0
     while pos < len(payload):
         pos += _ENTRY
-        _ino, next_offset, namelen, _kind = struct.unpack_from("<QQII", payload, pos)
+        fields = struct.unpack_from("<QQII", payload, pos)
+        namelen = fields[2]
         pos += 24
-        out.append((bytes(payload[pos:pos + namelen]), next_offset))
+        out.append((bytes(payload[pos:pos + namelen]), fields[field]))
         pos += (namelen + 7) & ~7
     return out
+
+
+def dirents(payload):
+    return direntplus(payload, field=0)
 
 
 async def tree_fs(made):
@@ -74,5 +81,34 @@ def test_a_directory_larger_than_the_listing_cache_is_listed_whole_and_decoded_o
         return names, decoded
 
     names, decoded = trio.run(check)
-    assert names == [b"file%05d" % i for i in range(10_000)]
+    assert names == [b".", b".."] + [b"file%05d" % i for i in range(10_000)]
     assert len(decoded) == 1
+
+
+def test_listings_start_with_dot_and_dot_dot_naming_the_directory_and_its_parent(
+        casync_archive):
+    made = casync_archive("full")
+
+    async def check():
+        inp, fs = await tree_fs(made)
+        found = await answer(fs.lookup, request(proto.LOOKUP, mount.ROOT, b"dir\0"))
+        node = struct.unpack_from("<Q", found)[0]
+        out = {}
+        for directory in (mount.ROOT, node):
+            payload = await answer(fs.readdir, request(proto.READDIRPLUS, directory,
+                                                       readdir_body(0)))
+            out[directory] = dirents(payload)
+        # Asked from the middle: the offsets of one listing go on in the next.
+        rest = dirents(await answer(fs.readdir, request(proto.READDIRPLUS, node,
+                                                        readdir_body(1))))
+        await inp.aclose()
+        return node, out, rest
+
+    node, out, rest = trio.run(check)
+    root_ino = out[mount.ROOT][0][1]
+    assert [name for name, _ in out[mount.ROOT][:2]] == [b".", b".."]
+    assert out[mount.ROOT][1][1] == root_ino             # the root is its own parent
+    assert out[node][0] == (b".", node) and out[node][1] == (b"..", root_ino)
+    names = sorted(name for name, _ in out[node][2:])
+    assert names == sorted(os.fsencode(n) for n in os.listdir(made.tree / "dir"))
+    assert rest == out[node][1:]
