@@ -219,7 +219,15 @@ class ChunkEngine:
         def look_nearby():
             cached = self._disk_call("present", list(mine)) or set()
             return [self._nearby(*wanted[k], wanted[k][0] in cached) for k in firsts]
-        nearby = await trio.to_thread.run_sync(look_nearby, limiter=self._limiter)
+        # Abandoned, not waited for, at the deadline: a local store on a
+        # hung NFS server never returns.
+        nearby = None
+        with trio.move_on_after(self.deadline):
+            nearby = await trio.to_thread.run_sync(look_nearby, limiter=self._limiter,
+                                                   abandon_on_cancel=True)
+        if nearby is None:
+            raise ChunkTimeout(f"chunk {wanted[firsts[0]][0].hex()}: the disk cache, seeds "
+                               f"and local stores gave no answer within {self.deadline:g} s")
         far = []
         for k, (source, data, raw_size, problems) in zip(firsts, nearby):
             if data is None:
@@ -350,7 +358,8 @@ class ChunkEngine:
             try:
                 if state.store.blocking:
                     found = await trio.to_thread.run_sync(state.store.load, chunk_id,
-                                                          limiter=self._limiter)
+                                                          limiter=self._limiter,
+                                                          abandon_on_cancel=True)
                 else:
                     with state.fetching() as scope:
                         found = await state.store.fetch(chunk_id, priority)

@@ -5,6 +5,7 @@ one load of a chunk serves every reader waiting for it."""
 import hashlib
 import math
 import socket
+import threading
 
 import pytest
 import trio
@@ -295,3 +296,35 @@ async def test_a_chunk_not_delivered_in_time_fails_again_at_once_for_a_moment():
     assert trio.current_time() - start < 0.1 and len(store.calls) == 1
     await trio.sleep(FAILURE_MEMORY)
     assert await eng.get(a, len(da)) == da  # then it is asked for again
+
+
+class HungLocalStore:
+    """A local directory on an NFS server that stopped answering."""
+    blocking = True
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def __str__(self):
+        return "/nfs/store"
+
+    def load(self, cid):
+        self.release.wait(30)
+        return None
+
+    async def aclose(self):
+        self.release.set()
+
+
+@pytest.mark.parametrize("behind_a_remote_store", [False, True])
+async def test_a_hung_local_store_costs_a_deadline_not_a_hang(behind_a_remote_store):
+    (a, da), = [chunk(1)]
+    hung = HungLocalStore()
+    stores = [Store("remote", [], lambda cid, n: HTTPError("HTTP 503", retryable=True)),
+              hung] if behind_a_remote_store else [hung]
+    eng = engine(stores, deadline=0.5)
+    start = trio.current_time()
+    with pytest.raises(ChunkError, match="within 0.5 s"):
+        await eng.get(a, len(da))
+    assert trio.current_time() - start < 1.5
+    await eng.aclose()
