@@ -171,6 +171,52 @@ def test_a_blob_mounted_by_a_url_with_a_query_is_named_after_the_index(casync_ar
             sh("cmp", mnt / "blob5m", made.tree)
 
 
+def test_a_seed_serves_a_mount_and_the_disk_cache_keeps_its_bound(casync_archive,
+                                                                     tmp_path):
+    made = casync_archive("blob5m", chunk_size="16K")
+    empty = tmp_path / "empty-store"
+    empty.mkdir()
+    cache = tmp_path / "cache"
+    with mounted(made.index, tmp_path / "seeded", "--no-cache", "-s", empty,
+                 "--seed", f"{made.index}:{made.tree}") as mnt:
+        sh("cmp", mnt / "blob5m", made.tree)  # every chunk from the seed
+    with FaultServer(made.store) as server, \
+            mounted(made.index, tmp_path / "bounded", "--cache-dir", cache, "--cache-size", "1M",
+                    "-s", server.url) as mnt:  # a remote store: its chunks are cached
+        sh("cmp", mnt / "blob5m", made.tree)
+    packs = sum(p.stat().st_size for p in (cache / "packs").iterdir())
+    assert 0 < packs <= 1 << 20
+
+
+def test_repeated_stats_and_reads_are_answered_by_the_kernel(full, tmp_path):
+    """With the mount process stopped, what was read once is read again:
+    only the kernel's caches can have answered."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.Popen([CAFUSE, "mount", "--no-cache", "-s", str(full.store),
+                             str(full.index), str(mnt)], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not is_mounted(mnt):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        # (Not ls -l, which asks for security.selinux: the kernel keeps no
+        # xattrs but ACLs; nor find, which asks for statfs.)
+        script = (f"cat {mnt}/hello.txt {mnt}/random.bin | sha256sum; "
+                  f"ls -R {mnt}/dir; stat -c '%n %s %a %u %g %y' {mnt}/dir/* {mnt}/dir/*/*; "
+                  f"readlink {mnt}/symlink {mnt}/longlink")
+        first = sh("sh", "-c", script).stdout
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            assert sh("sh", "-c", script, timeout=10).stdout == first
+        finally:
+            proc.send_signal(signal.SIGCONT)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        teardown_mount(mnt)
+
+
 IMAGE_MAKERS = {
     "ext4": lambda src, img: sh("mkfs.ext4", "-q", "-F", "-d", src, img, "8M"),
     "squashfs": lambda src, img: sh("mksquashfs", src, img, "-quiet", "-noappend"),
