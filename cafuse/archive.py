@@ -34,8 +34,9 @@ class ByteSource(Protocol):
         """Bytes ``[offset, offset+size)``, shorter only at the end; not
         ``urgent`` when nobody waits for them yet."""
 
-    async def preload(self, ranges: list[tuple[int, int]]) -> None:
-        """A hint: these ``(offset, size)`` ranges are about to be read."""
+    async def preload(self, ranges: list[tuple[int, int]], urgent: bool = True) -> None:
+        """A hint: these ``(offset, size)`` ranges are about to be read (by
+        a reader that waits for them, if ``urgent``)."""
 
 
 class Archive:

@@ -140,8 +140,9 @@ class ChunkEngine:
         joined = trio.current_time()
         results = [self._from_memory(cid) for cid, _size in wanted]
         for k, (cid, _size) in enumerate(wanted):
-            if results[k] is None and cid in self._failed:
-                raise self._failed[cid]
+            failed = self._failed.get(cid) if results[k] is None and self._failed else None
+            if failed is not None:
+                raise ChunkTimeout(failed)
         mine, theirs, priority, shares = {}, [], {}, {}
         for k, (cid, _size) in enumerate(wanted):
             if results[k] is not None:
@@ -191,8 +192,9 @@ class ChunkEngine:
                 # Its other chunks were given up with it: the same read,
                 # asked again at once, would wait for them a second deadline.
                 for cid, ks in mine.items():
-                    if results[ks[0]] is None:
-                        self._failed.setdefault(cid, e)
+                    if results[ks[0]] is None and cid not in self._failed:
+                        self._remember_failure(cid, priority[cid],
+                                               f"chunk {cid.hex()}: given up: {e}")
             raise
         finally:
             for cid, shared in shares.items():
@@ -294,7 +296,12 @@ class ChunkEngine:
                 wanted[k][0], problems, 0, priority[wanted[k][0]])
             arrived_in.send_nowait((k, problems, position, found))
 
-        async def decode_arrivals():
+        async def again(k, problems, position, error):
+            results[k] = await self._far_again(wanted[k], problems, position, error,
+                                               priority[wanted[k][0]])
+            on_arrival(wanted[k][0], results[k])
+
+        async def decode_arrivals(nursery):
             left = len(far)
             while left:
                 group = [await arrived.receive()]
@@ -309,17 +316,16 @@ class ChunkEngine:
                              for k, _problems, position, found in group],
                     limiter=self._limiter)
                 for (k, problems, position, found), outcome in zip(group, outcomes):
-                    if isinstance(outcome, ChunkError):
-                        outcome = await self._far_again(wanted[k], problems, position, outcome,
-                                                        priority[wanted[k][0]])
-                    else:
-                        self._account(str(self._far_stores[position].store), len(found[0]))
+                    if isinstance(outcome, ChunkError):  # not to hold up the others
+                        nursery.start_soon(again, k, problems, position, outcome)
+                        continue
+                    self._account(str(self._far_stores[position].store), len(found[0]))
                     results[k] = outcome
                     on_arrival(wanted[k][0], outcome)
 
         with single_errors():
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(decode_arrivals)
+                nursery.start_soon(decode_arrivals, nursery)
                 for k, problems in far:
                     nursery.start_soon(fetch, k, problems)
 
@@ -343,9 +349,17 @@ class ChunkEngine:
         with trio.move_on_after(self.deadline):
             return await self._fetch(chunk_id, problems, start, priority)
         problems.append(f"not delivered within {self.deadline:g} s")
-        self._failed[chunk_id] = error = ChunkTimeout(f"chunk {chunk_id.hex()}: "
-                                                      + "; ".join(problems))
-        raise error
+        message = f"chunk {chunk_id.hex()}: " + "; ".join(problems)
+        self._remember_failure(chunk_id, priority, message)
+        raise ChunkTimeout(message)
+
+    def _remember_failure(self, chunk_id, priority, message):
+        """Only for a chunk a reader waits for: readahead may run out of
+        its deadline queued behind readers, which says nothing of the
+        store."""
+        if priority.urgent:
+            self._failed.expire()
+            self._failed[chunk_id] = message
 
     async def _fetch(self, chunk_id, problems, start, priority):
         """(store position, (raw bytes, compressed)) from the first of the

@@ -36,14 +36,17 @@ def canonical(path: str) -> str:
     The last component is resolved with readlink alone, never a stat,
     which on a mount point would reach the (perhaps hung) daemon."""
     for _ in range(_LINKS_MAX):
-        path = os.path.abspath(path)
-        parent, name = os.path.split(path)
+        if not os.path.isabs(path):
+            path = os.path.join(os.getcwd(), path)
+        parent, name = os.path.split(path.rstrip("/") or "/")
+        if name in ("", ".", ".."):
+            return os.path.realpath(path)
         path = os.path.join(os.path.realpath(parent), name)
         try:
             target = os.readlink(path)
         except OSError:  # not a symlink (EINVAL), or nothing there
             return path
-        path = os.path.join(parent, target)
+        path = os.path.join(os.path.dirname(path), target)  # from the link's real directory
     return path
 
 

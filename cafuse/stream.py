@@ -59,14 +59,14 @@ class IndexStream:
         start = offset - self.index.start(span[0])
         return data[start:start + size]
 
-    async def preload(self, ranges: list[tuple[int, int]]) -> None:
+    async def preload(self, ranges: list[tuple[int, int]], urgent: bool = True) -> None:
         """Bring the chunks under ``(offset, size)`` ranges into the memory
         cache, all at once: a caller about to read many small ranges then
         waits for one round of concurrent fetches, not one per range.  Not
-        urgent: a reader that comes to need them makes them so."""
+        ``urgent`` when running ahead of a reader (engine.get_many)."""
         chunks = sorted({i for offset, size in ranges for i in self.index.span(offset, size)})
         if chunks:
-            await self.engine.get_many(self._wanted(chunks), urgent=False)
+            await self.engine.get_many(self._wanted(chunks), urgent=urgent)
 
     async def copy(self, offset: int, size: int, write: Callable[[bytes], object],
                    ahead: int = _AHEAD) -> None:
@@ -131,7 +131,7 @@ class FileSource:
     async def read(self, offset: int, size: int, urgent: bool = True) -> bytes:
         return os.pread(self._fd, max(0, min(size, self.size - offset)), offset)
 
-    async def preload(self, ranges: list[tuple[int, int]]) -> None:
+    async def preload(self, ranges: list[tuple[int, int]], urgent: bool = True) -> None:
         pass
 
     async def copy(self, offset: int, size: int, write: Callable[[bytes], object]) -> None:

@@ -139,7 +139,7 @@ class WalkAhead:
                 self._moved = trio.Event()
                 continue
             try:
-                await self.stream.preload([(start, size)])
+                await self.stream.preload([(start, size)], urgent=False)
             except CafuseError:
                 pass  # whoever needs these bytes will say
             self._fetched = start + size
@@ -185,7 +185,7 @@ class WalkAhead:
         return batch
 
     async def _push(self, batch):
-        await self.stream.preload([(e.payload, e.size) for e in batch])
+        await self.stream.preload([(e.payload, e.size) for e in batch], urgent=False)
         files = []
         for run in _runs([e for e in batch if self.known(node_of(e))]):
             start = run[0].payload

@@ -328,3 +328,58 @@ async def test_a_hung_local_store_costs_a_deadline_not_a_hang(behind_a_remote_st
         await eng.get(a, len(da))
     assert trio.current_time() - start < 1.5
     await eng.aclose()
+
+
+async def test_a_chunk_in_is_not_held_back_by_another_retried_on_a_hung_mirror():
+    (a, da), (b, db) = chunk(1), chunk(2)
+
+    def bad_a(cid, n):
+        return "corrupt" if cid == a else None
+    first = Store("first", [(a, da), (b, db)], bad_a, delay=0.005)
+    first.fetch = _corrupting(first)
+    hung = Store("hung", [(a, da), (b, db)], lambda cid, n: "stall")
+    eng = engine([first, hung], deadline=1.0)
+    got = {}
+
+    async def owner():
+        with pytest.raises(ChunkError):
+            await eng.get_many([(a, len(da)), (b, len(db))])
+
+    async def joiner():
+        await trio.sleep(0.002)
+        start = trio.current_time()
+        got["b"] = await eng.get(b, len(db))
+        got["after"] = trio.current_time() - start
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(owner)
+        nursery.start_soon(joiner)
+    assert got["b"] == db and got["after"] < 0.5
+    assert await eng.get(b, len(db)) == db       # not remembered as failed
+
+
+def _corrupting(store):
+    """``store.fetch``, but chunks its fault calls "corrupt" come back wrong."""
+    fetch = store.fetch
+
+    async def corrupting(cid, priority=None):
+        if store.fault(cid, 1) == "corrupt":
+            await trio.sleep(0)
+            return b"x" * len(store.chunks[cid]), False
+        return await fetch(cid, priority)
+    return corrupting
+
+
+async def test_readahead_that_ran_out_of_time_behind_readers_is_not_remembered():
+    (r1, d1), (r2, d2), (a, da) = chunk(1), chunk(2), chunk(3)
+    store = OneLineStore("s", [(r1, d1), (r2, d2), (a, da)], delay=0.3)
+    eng = engine([store], deadline=0.7)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(eng.get, r1, len(d1))
+        nursery.start_soon(eng.get, r2, len(d2))
+        with trio.fail_after(2):
+            while len(store.asked) < 2:
+                await trio.sleep(0.005)
+        # Queued behind two readers: 0.6 s before its turn, 0.7 s to live.
+        with pytest.raises(ChunkError, match="not delivered"):
+            await eng.get_many([(a, len(da))], urgent=False)
+    assert await eng.get(a, len(da)) == da  # asked again, not failed at once

@@ -112,3 +112,28 @@ def test_listings_start_with_dot_and_dot_dot_naming_the_directory_and_its_parent
     names = sorted(name for name, _ in out[node][2:])
     assert names == sorted(os.fsencode(n) for n in os.listdir(made.tree / "dir"))
     assert rest == out[node][1:]
+
+
+def test_a_listing_someone_waits_for_is_urgent_and_readahead_is_not(casync_archive):
+    made = casync_archive("full", chunk_size="4K")
+
+    async def check():
+        inp, fs = await tree_fs(made)
+        engine, asked = fs.stream.engine, []
+        get_many = engine.get_many
+
+        async def recording(wanted, remember=True, urgent=True):
+            asked.append(urgent)
+            return await get_many(wanted, remember, urgent)
+        engine.get_many = recording
+        found = await answer(fs.lookup, request(proto.LOOKUP, mount.ROOT, b"dir\0"))
+        node = struct.unpack_from("<Q", found)[0]
+        await answer(fs.readdir, request(proto.READDIRPLUS, node, readdir_body(0)))
+        listing = set(asked)
+        asked.clear()
+        await fs.stream.read(0, 1 << 16, urgent=False)  # what readahead asks
+        await inp.aclose()
+        return listing, set(asked)
+
+    listing, readahead = trio.run(check)
+    assert listing == {True} and readahead == {False}

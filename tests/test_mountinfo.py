@@ -17,3 +17,11 @@ def test_symlinks_are_resolved_to_the_last_component(tmp_path, monkeypatch):
     assert canonical(str(tmp_path / "real dir") + "/") == str(tmp_path / "real dir")
     monkeypatch.chdir(tmp_path)
     assert canonical("link") == str(tmp_path / "real dir")
+
+
+def test_a_relative_link_is_followed_from_the_real_directory_of_the_link(tmp_path):
+    (tmp_path / "data" / "x").mkdir(parents=True)
+    (tmp_path / "data" / "m").mkdir()
+    (tmp_path / "a").symlink_to("data/x")
+    (tmp_path / "data" / "x" / "mnt").symlink_to("../m")
+    assert canonical(str(tmp_path / "a" / "mnt")) == str(tmp_path / "data" / "m")
