@@ -5,17 +5,14 @@ the order given.  Only chunks from remote stores are written to the disk
 cache; seeds and local stores are close enough.  Every chunk from a seed or
 store is verified against its id before it is cached or returned.
 Concurrent requests for one chunk share one load.  A store that looks down
-(after its own retries, or overtaken by the next store again and again) is
-set aside for a back-off period while another store is left, so one dead
-mirror costs one deadline, not one per chunk; it is tried again when the
-period ends.  A store still busy after its share of a chunk's deadline is
-raced by the next one (``_fetch``).  A chunk that no source can deliver
+(after its own retries) is set aside for a back-off period while another
+store is left, so one dead mirror costs one deadline, not one per chunk; it
+is tried again when the period ends.  A chunk that no source can deliver
 raises ChunkError naming the chunk and what each store said.
 """
 
 import contextlib
 import logging
-import math
 import os
 import sqlite3
 import threading
@@ -40,7 +37,6 @@ DISK_FAILURES = 3    # failed disk cache calls in a row before going on without 
 # page, which must not cost a second deadline.  (Quick failures are not
 # remembered: trying again costs little, and the store may be back.)
 FAILURE_MEMORY = 1.0
-OVERTAKEN = 3  # races lost in a row, without delivering, that set a store aside
 DISK_WARN_EVERY = 60.0  # seconds between warnings about the disk cache
 _DISK_READS = frozenset({"get", "present"})
 # Worker threads for decoding, hashing and cache I/O: one per core.  More
@@ -60,7 +56,6 @@ class _StoreState:
     def __init__(self, store):
         self.store = store
         self.down_until = 0.0
-        self.overtaken = 0  # races lost in a row (engine._attempt)
         self._fetches: set[trio.CancelScope] = set()
 
     def available(self) -> bool:
@@ -368,100 +363,32 @@ class ChunkEngine:
 
     async def _fetch(self, chunk_id, problems, start, priority):
         """(store position, (raw bytes, compressed)) from the first of the
-        remaining stores, from ``start`` on, that delivers the chunk.
-
-        Stores are asked in order, the next one as soon as a store fails or
-        lacks the chunk.  A store still busy after its share of the time
-        left (an even split with the stores up after it) is not given up:
-        the next store is asked alongside, and the first to deliver wins.
-        So a store that hangs for longer than the deadline cannot keep a
-        chunk from a mirror that has it, and a slow one is not cut off for
-        a mirror that does not."""
-        position = self._next_up(start, problems)
-        if position is not None and self._share(position) == math.inf:
-            # The only store up: no race to run.
-            found = await self._ask(self._far_stores[position], chunk_id, problems, priority)
-            if found is not None:
-                return position, found
-            position = self._next_up(position + 1, problems)
-        won, running = [], set()
-        async with trio.open_nursery() as race:
-            while position is not None:
-                done = trio.Event()
-                race.start_soon(self._attempt, position, chunk_id, problems, priority,
-                                won, running, done, race.cancel_scope)
-                with trio.move_on_after(self._share(position)):
-                    await done.wait()
-                position = self._next_up(position + 1, problems)
-        if not won:
-            raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems or ["no stores"]))
-        return won[0]
-
-    def _next_up(self, position, problems):
-        """The first store from ``position`` on that is not set aside."""
-        for position in range(position, len(self._far_stores)):
+        remaining stores, from ``start`` on, that has the chunk."""
+        for position in range(start, len(self._far_stores)):
             state = self._far_stores[position]
-            if state.available():
-                return position
-            problems.append(f"{state.store} set aside after errors")
-        return None
-
-    def _share(self, position):
-        after = sum(1 for other in self._far_stores[position + 1:] if other.available())
-        if not after:
-            return math.inf
-        left = trio.current_effective_deadline() - trio.current_time()
-        return max(0.0, left / (after + 1))
-
-    async def _attempt(self, position, chunk_id, problems, priority, won, running, done,
-                       race):
-        """One store's part in a race: the first to deliver ends it.  A
-        store still at it when a later one delivers was overtaken; one
-        overtaken OVERTAKEN times without delivering in between is set
-        aside like a store that times out."""
-        running.add(position)
-        state = self._far_stores[position]
-        try:
-            found = await self._ask(state, chunk_id, problems, priority)
-        finally:
-            running.discard(position)
-        if found is not None and not won:
-            won.append((position, found))
-            state.overtaken = 0
-            for loser in running:
-                if loser < position:
-                    self._overtook(self._far_stores[loser], state)
-            race.cancel()
-        done.set()
-
-    def _overtook(self, slow, fast):
-        slow.overtaken += 1
-        if slow.overtaken >= OVERTAKEN:
-            slow.overtaken = 0
-            self._set_aside(slow, f"{slow.store}: no answer while {fast.store} answered "
-                                  f"{OVERTAKEN} times")
-
-    async def _ask(self, state, chunk_id, problems, priority):
-        """The chunk from one store, or None (and why, in ``problems``)."""
-        try:
-            if state.store.blocking:
-                found = await trio.to_thread.run_sync(state.store.load, chunk_id,
-                                                      limiter=self._limiter,
-                                                      abandon_on_cancel=True)
-            else:
-                with state.fetching() as scope:
-                    found = await state.store.fetch(chunk_id, priority)
-                if scope.cancelled_caught:
-                    problems.append(f"{state.store} set aside after errors")
-                    return None
-        except CafuseError as e:
-            if getattr(e, "retryable", False):
-                self._set_aside(state, str(e))
-            problems.append(str(e))
-            return None
-        if found is None:
-            problems.append(f"missing from {state.store}")
-        return found
+            if not state.available():
+                problems.append(f"{state.store} set aside after errors")
+                continue
+            try:
+                if state.store.blocking:
+                    found = await trio.to_thread.run_sync(state.store.load, chunk_id,
+                                                          limiter=self._limiter,
+                                                          abandon_on_cancel=True)
+                else:
+                    with state.fetching() as scope:
+                        found = await state.store.fetch(chunk_id, priority)
+                    if scope.cancelled_caught:
+                        problems.append(f"{state.store} set aside after errors")
+                        continue
+            except CafuseError as e:
+                self._set_aside(state, e)
+                problems.append(str(e))
+                continue
+            if found is None:
+                problems.append(f"missing from {state.store}")
+                continue
+            return position, found
+        raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems or ["no stores"]))
 
     def _decode(self, want, position, found):
         """Decode and verify a fetched chunk (blocking, in a thread); the
@@ -521,18 +448,19 @@ class ChunkEngine:
             self._disk_warned = now
             log.warning("%s", message)
 
-    def _set_aside(self, state, reason):
-        """After ``reason`` (errors that say a store is down: no connection,
-        timeouts, 5xx, its retries spent; or overtaken again and again),
-        skip the store for a while, so a dead mirror costs one deadline,
-        not one per chunk.  An answer about one chunk (a 403, a body too
-        large) says nothing of the others and comes nowhere near here; and
-        the last store left is never skipped: there is nothing to skip to,
-        and its next answer may well be a good one."""
+    def _set_aside(self, state, error):
+        """After ``error`` (its own retries spent), skip a store that looks
+        down (no connection, timeouts, 5xx) for a while, so a dead mirror
+        costs one deadline, not one per chunk.  An answer about one chunk
+        (a 403, a body too large) says nothing of the others; and the last
+        store left is never skipped: there is nothing to skip to, and its
+        next answer may well be a good one."""
+        if not getattr(error, "retryable", False):
+            return
         if not any(other.available() for other in self._far_stores if other is not state):
             return
         state.set_aside(self.backoff)
-        log.warning("%s; setting store %s aside for %g s", reason, state.store, self.backoff)
+        log.warning("%s; setting store %s aside for %g s", error, state.store, self.backoff)
 
     def _account(self, source, raw_size=0):
         self.stats.sources[source] += 1

@@ -148,20 +148,6 @@ def test_a_dead_store_costs_one_deadline_not_one_per_chunk(nginx, blob, cache):
         assert elapsed < 10
 
 
-def test_a_store_that_hangs_past_the_deadline_leaves_the_mirror_its_turn(nginx, blob, cache):
-    # A request timeout longer than the deadline: the hung store's tries
-    # never end by themselves, yet the mirror serves every chunk, and the
-    # hung store is set aside after a few races it lost.
-    good = f"{nginx.url}/blob/default.castr"
-    with faulty(blob, lambda path, n: "stall") as server:
-        start = time.monotonic()
-        out = run("cat", *cache, "-s", server.url, "-s", good, "--timeout", "60",
-                  "--deadline", "4", blob.index)
-        assert out.stdout == blob.tree.read_bytes()
-        assert time.monotonic() - start < 15
-        assert b"setting store" in out.stderr
-
-
 def test_headers_are_sent_and_never_logged(blob, cache):
     seen = []
 
