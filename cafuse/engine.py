@@ -114,6 +114,12 @@ class ChunkEngine:
         self._loading: dict[bytes, _Shared] = {}
         self._failed = cachetools.TTLCache(4096, FAILURE_MEMORY)
         self._limiter = trio.CapacityLimiter(threads)
+        # Loads that may be abandoned at a deadline (disk cache, seeds and
+        # local stores: a hung NFS server never returns) keep their tokens
+        # until their threads end, so they have tokens of their own: stuck
+        # threads must not take those that decoding needs.  (Local stores
+        # after a remote one take trio's default limiter, of 40.)
+        self._nearby_limiter = trio.CapacityLimiter(threads)
         self._disk_lock = threading.Lock()
         # Failed cache calls in a row, reads (get, present) and writes (put,
         # flush) apart: reads that work must not hide writes that all fail.
@@ -217,19 +223,7 @@ class ChunkEngine:
 
     async def _load(self, wanted, mine, results, priority, on_arrival):
         firsts = [ks[0] for ks in mine.values()]
-
-        def look_nearby():
-            cached = self._disk_call("present", list(mine)) or set()
-            return [self._nearby(*wanted[k], wanted[k][0] in cached) for k in firsts]
-        # Abandoned, not waited for, at the deadline: a local store on a
-        # hung NFS server never returns.
-        nearby = None
-        with trio.move_on_after(self.deadline):
-            nearby = await trio.to_thread.run_sync(look_nearby, limiter=self._limiter,
-                                                   abandon_on_cancel=True)
-        if nearby is None:
-            raise ChunkTimeout(f"chunk {wanted[firsts[0]][0].hex()}: the disk cache, seeds "
-                               f"and local stores gave no answer within {self.deadline:g} s")
+        nearby = await self._look_nearby(wanted, firsts)
         far = []
         for k, (source, data, raw_size, problems) in zip(firsts, nearby):
             if data is None:
@@ -258,6 +252,23 @@ class ChunkEngine:
         if data is not None:
             self._account("memory")
         return data
+
+    async def _look_nearby(self, wanted, firsts):
+        """``_nearby`` of each first of ``wanted``, in one worker-thread hop
+        (none when there is nowhere near to look)."""
+        if self.disk is None and not self.seeds and not self._near_stores:
+            return [(None, None, 0, [])] * len(firsts)
+
+        def look():
+            cached = self._disk_call("present", [wanted[k][0] for k in firsts]) or set()
+            return [self._nearby(*wanted[k], wanted[k][0] in cached) for k in firsts]
+        # Abandoned, not waited for, at the deadline: a local store on a
+        # hung NFS server never returns.
+        with trio.move_on_after(self.deadline):
+            return await trio.to_thread.run_sync(look, limiter=self._nearby_limiter,
+                                                 abandon_on_cancel=True)
+        raise ChunkTimeout(f"chunk {wanted[firsts[0]][0].hex()}: the disk cache, seeds "
+                           f"and local stores gave no answer within {self.deadline:g} s")
 
     def _nearby(self, chunk_id, size, cached):
         """Disk cache (if ``cached`` says it lists the chunk), seeds, leading
@@ -372,7 +383,6 @@ class ChunkEngine:
             try:
                 if state.store.blocking:
                     found = await trio.to_thread.run_sync(state.store.load, chunk_id,
-                                                          limiter=self._limiter,
                                                           abandon_on_cancel=True)
                 else:
                     with state.fetching() as scope:

@@ -43,7 +43,7 @@ class Store:
         if isinstance(what, Exception):
             raise what
         await trio.sleep(self.delay)
-        return self.chunks[cid], False
+        return (self.chunks[cid], False) if cid in self.chunks else None
 
     async def aclose(self):
         pass
@@ -383,3 +383,16 @@ async def test_readahead_that_ran_out_of_time_behind_readers_is_not_remembered()
         with pytest.raises(ChunkError, match="not delivered"):
             await eng.get_many([(a, len(da))], urgent=False)
     assert await eng.get(a, len(da)) == da  # asked again, not failed at once
+
+
+async def test_hung_local_loads_do_not_take_the_threads_that_decoding_needs():
+    lacking, (y, dy) = [chunk(n) for n in range(3)], chunk(9)
+    hung = HungLocalStore()
+    remote = Store("remote", [(y, dy)])         # the others go on to the hung store
+    eng = engine([remote, hung], deadline=0.3, threads=2)
+    for x, dx in lacking:                       # more stuck threads than threads
+        with pytest.raises(ChunkError, match="within 0.3 s"):
+            await eng.get(x, len(dx))
+    with trio.fail_after(2):
+        assert await eng.get(y, len(dy)) == dy   # still decoded
+    await eng.aclose()
