@@ -63,7 +63,7 @@ def _at_least(kind, low):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value < low:
+        if value is None or not value >= low:  # NaN too
             raise argparse.ArgumentTypeError(f"expected a number >= {low}, not {text!r}")
         return value
     return parse

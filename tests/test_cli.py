@@ -208,3 +208,9 @@ def test_the_kind_of_an_index_without_a_suffix_comes_from_its_header(full, casyn
     assert "blob index (.caibx)" in run("info", blob_copy).stdout.decode()
     assert run("cat", "-s", full.store, tree_copy, "hello.txt").stdout == b"hello casync\n"
     assert run("cat", "-s", blob.store, blob_copy).stdout == blob.tree.read_bytes()
+
+
+def test_numbers_that_are_no_number_are_refused(full):
+    for flag in ("--deadline", "--timeout", "--retries", "--connections"):
+        done = run("cat", f"{flag}=nan", full.index, "hello.txt", ok=False)
+        assert done.returncode == 2 and b"expected a number" in done.stderr, (flag, done.stderr)
