@@ -257,7 +257,7 @@ class ChunkEngine:
         """``_nearby`` of each first of ``wanted``, in one worker-thread hop
         (none when there is nowhere near to look)."""
         if self.disk is None and not self.seeds and not self._near_stores:
-            return [(None, None, 0, [])] * len(firsts)
+            return [(None, None, 0, []) for _ in firsts]  # a problems list each
 
         def look():
             cached = self._disk_call("present", [wanted[k][0] for k in firsts]) or set()

@@ -396,3 +396,12 @@ async def test_hung_local_loads_do_not_take_the_threads_that_decoding_needs():
     with trio.fail_after(2):
         assert await eng.get(y, len(dy)) == dy   # still decoded
     await eng.aclose()
+
+
+async def test_each_chunk_is_told_its_own_problems():
+    chunks = [chunk(n) for n in range(3)]
+    eng = engine([Store("empty1", []), Store("empty2", [])])
+    with pytest.raises(ChunkError) as failed:
+        await eng.get_many([_want(c) for c in chunks])
+    message = str(failed.value)
+    assert message.count("missing from empty1") == 1, message
