@@ -117,9 +117,10 @@ class ChunkEngine:
         # Loads that may be abandoned at a deadline (disk cache, seeds and
         # local stores: a hung NFS server never returns) keep their tokens
         # until their threads end, so they have tokens of their own: stuck
-        # threads must not take those that decoding needs.  (Local stores
-        # after a remote one take trio's default limiter, of 40.)
+        # threads must not take those that decoding needs, nor trio's
+        # default ones, which name lookups for new connections need.
         self._nearby_limiter = trio.CapacityLimiter(threads)
+        self._far_local_limiter = trio.CapacityLimiter(threads)
         self._disk_lock = threading.Lock()
         # Failed cache calls in a row, reads (get, present) and writes (put,
         # flush) apart: reads that work must not hide writes that all fail.
@@ -383,6 +384,7 @@ class ChunkEngine:
             try:
                 if state.store.blocking:
                     found = await trio.to_thread.run_sync(state.store.load, chunk_id,
+                                                          limiter=self._far_local_limiter,
                                                           abandon_on_cancel=True)
                 else:
                     with state.fetching() as scope:

@@ -405,3 +405,14 @@ async def test_each_chunk_is_told_its_own_problems():
         await eng.get_many([_want(c) for c in chunks])
     message = str(failed.value)
     assert message.count("missing from empty1") == 1, message
+
+
+async def test_hung_local_loads_leave_trios_own_threads_alone():
+    # Name lookups for new connections run on trio's default limiter.
+    lacking = [chunk(n) for n in range(4)]
+    eng = engine([Store("remote", []), HungLocalStore()], deadline=0.2, threads=2)
+    for x, dx in lacking:
+        with pytest.raises(ChunkError):
+            await eng.get(x, len(dx))
+    assert trio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
+    await eng.aclose()
