@@ -3,6 +3,7 @@ always taken down, even when a test fails."""
 
 import os
 import subprocess
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -25,6 +26,21 @@ def teardown_mount(path):
         subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, timeout=30)
     if is_mounted(path):
         subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def start_foreground(index, mountpoint, *args) -> subprocess.Popen:
+    """``cafuse mount`` in the foreground, once its mount is up; the caller
+    stops it (and calls teardown_mount)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([CAFUSE, "mount", *map(str, args), str(index), str(mountpoint)],
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not is_mounted(mountpoint):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"the mount did not come up: {proc.communicate()[1]!r}")
+        time.sleep(0.02)
+    return proc
 
 
 @contextmanager

@@ -14,7 +14,7 @@ import pytest
 
 import oracle
 from command import CAFUSE
-from conftest import is_mounted, mounted, teardown_mount
+from conftest import is_mounted, mounted, start_foreground, teardown_mount
 from servers import FaultServer, Nginx, dead_url, kill_quietly
 from touch import sh, walk
 
@@ -102,17 +102,12 @@ def test_sigterm_during_a_walk_never_hangs(tmp_path):
     www.mkdir()
     oracle.make(www / "t.caidx", src, store=www / "store")
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
     with Nginx(www, tmp_path / "nginx") as nginx:
         for attempt in range(4):
-            proc = subprocess.Popen([CAFUSE, "mount", "--no-cache", "-s", f"{nginx.url}/store",
-                                     f"{nginx.url}/t.caidx", str(mnt)], stderr=subprocess.PIPE)
+            proc = start_foreground(f"{nginx.url}/t.caidx", mnt, "--no-cache",
+                                    "-s", f"{nginx.url}/store")
             tar = None
             try:
-                deadline = time.monotonic() + 30
-                while not is_mounted(mnt):
-                    assert time.monotonic() < deadline and proc.poll() is None
-                    time.sleep(0.02)
                 tar = subprocess.Popen(f"tar -C {mnt} -cf - . | wc -c", shell=True,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.1 + 0.1 * attempt)
@@ -192,14 +187,8 @@ def test_repeated_stats_and_reads_are_answered_by_the_kernel(full, tmp_path):
     """With the mount process stopped, what was read once is read again:
     only the kernel's caches can have answered."""
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    proc = subprocess.Popen([CAFUSE, "mount", "--no-cache", "-s", str(full.store),
-                             str(full.index), str(mnt)], stderr=subprocess.PIPE)
+    proc = start_foreground(full.index, mnt, "--no-cache", "-s", full.store)
     try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(mnt):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
         # (Not ls -l, which asks for security.selinux: the kernel keeps no
         # xattrs but ACLs; nor find, which asks for statfs.)
         script = (f"cat {mnt}/hello.txt {mnt}/random.bin | sha256sum; "
@@ -329,17 +318,11 @@ def test_a_mountpoint_with_a_space_a_non_ascii_name_and_a_symlink(full, tmp_path
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
 def test_signal_unmounts_cleanly(full, tmp_path, signum):
-    """SIGTERM and SIGINT unmount and exit 0; after SIGKILL, fusermount3's
-    auto_unmount takes the mount down: nothing dead is left behind."""
+    """SIGTERM and SIGINT unmount and exit 0; after SIGKILL, the mount's
+    watchdog takes it down: nothing dead is left behind."""
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    proc = subprocess.Popen([CAFUSE, "mount", "--no-cache", "-s", str(full.store),
-                             str(full.index), str(mnt)], stderr=subprocess.PIPE)
+    proc = start_foreground(full.index, mnt, "--no-cache", "-s", full.store)
     try:
-        deadline = time.monotonic() + 30
-        while not is_mounted(mnt):
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
         assert sorted(os.listdir(mnt)) == sorted(os.listdir(full.tree))
         proc.send_signal(signum)
         code = proc.wait(timeout=30)
