@@ -7,8 +7,10 @@ store is verified against its id before it is cached or returned.
 Concurrent requests for one chunk share one load.  A store that looks down
 (after its own retries) is set aside for a back-off period while another
 store is left, so one dead mirror costs one deadline, not one per chunk; it
-is tried again when the period ends.  A chunk that no source can deliver
-raises ChunkError naming the chunk and what each store said.
+is tried again when the period ends.  A local store listed before a remote
+one that leaves a load unanswered for half the deadline is skipped until
+that load returns.  A chunk that no source can deliver raises ChunkError
+naming the chunk and what each store said.
 """
 
 import contextlib
@@ -56,6 +58,7 @@ class _StoreState:
     def __init__(self, store):
         self.store = store
         self.down_until = 0.0
+        self.stuck = 0     # abandoned loads of a local store still running
         self._fetches: set[trio.CancelScope] = set()
 
     def available(self) -> bool:
@@ -94,6 +97,24 @@ class _Shared:
         self.error = None
 
 
+class _Abandoned(Exception):
+    """Raised in a hop's thread once the event loop has given up on it."""
+
+
+class _Hop:
+    """One worker-thread hop through the disk cache, seeds and leading
+    local stores for several chunks, which the event loop may abandon.
+    What the thread found before that is kept (``found``), and so is the
+    local store whose load it was in (``loading``, with its start)."""
+    __slots__ = ("found", "abandoned", "loading", "stuck_in")
+
+    def __init__(self, n: int):
+        self.found = [None] * n
+        self.abandoned = False
+        self.loading = None
+        self.stuck_in = None
+
+
 class ChunkEngine:
     def __init__(self, stores, digest: str, disk: DiskCache | None = None,
                  seeds=(), memory_bytes: int = DEFAULT_MEMORY_BYTES,
@@ -113,6 +134,7 @@ class ChunkEngine:
             if memory_bytes else None
         self._loading: dict[bytes, _Shared] = {}
         self._failed = cachetools.TTLCache(4096, FAILURE_MEMORY)
+        self._threads = threads
         self._limiter = trio.CapacityLimiter(threads)
         # Loads that may be abandoned at a deadline (disk cache, seeds and
         # local stores: a hung NFS server never returns) keep their tokens
@@ -122,6 +144,7 @@ class ChunkEngine:
         self._nearby_limiter = trio.CapacityLimiter(threads)
         self._far_local_limiter = trio.CapacityLimiter(threads)
         self._disk_lock = threading.Lock()
+        self._hop_lock = threading.Lock()
         # Failed cache calls in a row, reads (get, present) and writes (put,
         # flush) apart: reads that work must not hide writes that all fail.
         self._disk_failures = {True: 0, False: 0}
@@ -256,25 +279,60 @@ class ChunkEngine:
 
     async def _look_nearby(self, wanted, firsts):
         """``_nearby`` of each first of ``wanted``, in one worker-thread hop
-        (none when there is nowhere near to look)."""
+        (none when there is nowhere near to look).
+
+        The hop is abandoned, not waited for, at its time limit: a local
+        store on a hung NFS server never returns.  When remote stores
+        follow, that limit is half the deadline, and the chunks the hop had
+        not found go on to them; the local store it was stuck in is skipped
+        until its loads return."""
         if self.disk is None and not self.seeds and not self._near_stores:
             return [(None, None, 0, []) for _ in firsts]  # a problems list each
+        hop = _Hop(len(firsts))
 
         def look():
             cached = self._disk_call("present", [wanted[k][0] for k in firsts]) or set()
-            return [self._nearby(*wanted[k], wanted[k][0] in cached) for k in firsts]
-        # Abandoned, not waited for, at the deadline: a local store on a
-        # hung NFS server never returns.
-        with trio.move_on_after(self.deadline):
-            return await trio.to_thread.run_sync(look, limiter=self._nearby_limiter,
-                                                 abandon_on_cancel=True)
-        raise ChunkTimeout(f"chunk {wanted[firsts[0]][0].hex()}: the disk cache, seeds "
-                           f"and local stores gave no answer within {self.deadline:g} s")
+            for i, k in enumerate(firsts):
+                try:
+                    outcome = self._nearby(hop, *wanted[k], wanted[k][0] in cached)
+                except _Abandoned:
+                    return
+                with self._hop_lock:
+                    if hop.abandoned:
+                        return
+                    hop.found[i] = outcome
+        limit = self.deadline / 2 if self._far_stores else self.deadline
+        with trio.move_on_after(limit):
+            await trio.to_thread.run_sync(look, limiter=self._nearby_limiter,
+                                          abandon_on_cancel=True)
+            return hop.found
+        return self._abandon(hop, wanted[firsts[0]][0], limit)
 
-    def _nearby(self, chunk_id, size, cached):
+    def _abandon(self, hop, chunk_id, limit):
+        """What ``hop`` found before it ran out of ``limit`` (waiting for a
+        thread, or in a load); the rest go on to the remote stores."""
+        with self._hop_lock:
+            hop.abandoned = True
+            loading = hop.loading
+            if loading is not None and time.monotonic() - loading[1] >= limit / 2:
+                hop.stuck_in = loading[0]
+                loading[0].stuck += 1
+        if hop.stuck_in is not None:
+            # Its thread keeps a token of the old limiter until it ends.
+            self._nearby_limiter = trio.CapacityLimiter(self._threads)
+            log.warning("local store %s gave no answer within %g s; skipping it "
+                        "until its loads return", loading[0].store, limit)
+        where = loading[0].store if loading else "the disk cache, seeds and local stores"
+        if not self._far_stores:
+            raise ChunkTimeout(f"chunk {chunk_id.hex()}: {where} gave no answer "
+                               f"within {limit:g} s")
+        problem = f"{where} gave no answer within {limit:g} s"
+        return [found or (None, None, 0, [problem]) for found in hop.found]
+
+    def _nearby(self, hop, chunk_id, size, cached):
         """Disk cache (if ``cached`` says it lists the chunk), seeds, leading
-        local stores (blocking, in a thread): (source, data or None, bytes
-        read from a store, problems)."""
+        local stores (blocking, in ``hop``'s thread): (source, data or
+        None, bytes read from a store, problems)."""
         data = self._disk_call("get", chunk_id) if cached else None
         if data is not None and len(data) == size:
             return "disk cache", data, 0, []
@@ -284,8 +342,12 @@ class ChunkEngine:
                 return "seed", data, 0, []
         problems = []
         for state in self._near_stores:
+            if state.stuck:
+                problems.append(f"{state.store} skipped: an earlier load from it "
+                                "has not returned")
+                continue
             try:
-                found = state.store.load(chunk_id)
+                found = self._near_load(hop, state, chunk_id)
                 if found is None:
                     problems.append(f"missing from {state.store}")
                     continue
@@ -295,6 +357,25 @@ class ChunkEngine:
                 continue
             return str(state.store), data, len(found[0]), problems
         return None, None, 0, problems
+
+    def _near_load(self, hop, state, chunk_id):
+        """``state.store.load``, as the load ``hop`` is in (blocking)."""
+        with self._hop_lock:
+            if hop.abandoned:
+                raise _Abandoned
+            hop.loading = state, time.monotonic()
+        try:
+            return state.store.load(chunk_id)
+        finally:
+            with self._hop_lock:
+                hop.loading = None
+                back = hop.stuck_in is state
+                if back:
+                    hop.stuck_in = None
+                    state.stuck -= 1
+                    back = not state.stuck
+            if back:
+                log.warning("local store %s answered again", state.store)
 
     async def _load_far(self, wanted, far, results, priority, on_arrival):
         """Fetch from the remaining stores concurrently, and decode what has

@@ -385,6 +385,25 @@ def test_a_hung_store_holds_up_only_the_reads_that_need_it(casync_archive, tmp_p
                 kill_quietly(hung)
 
 
+def test_a_hung_local_store_hands_its_reads_on_to_the_next_store(casync_archive, tmp_path):
+    # Every chunk file a FIFO: open() blocks as on an NFS server that stopped.
+    made = casync_archive("full", chunk_size="4K")
+    hung = tmp_path / "nfs"
+    for chunk_file in made.store.rglob("*.cacnk"):
+        fifo = hung / chunk_file.relative_to(made.store)
+        fifo.parent.mkdir(parents=True, exist_ok=True)
+        os.mkfifo(fifo)
+    with FaultServer(made.store) as server:
+        start = time.monotonic()
+        with mounted(made.index, tmp_path / "mnt", "--no-cache", "-s", hung,
+                     "-s", server.url, "--deadline", "4") as mnt:
+            assert sh("cat", mnt / "random.bin").stdout == \
+                (made.tree / "random.bin").read_bytes()
+            # Half the deadline once; then the stuck store is skipped.
+            assert time.monotonic() - start < 2 + 3
+            assert sh("cat", mnt / "hello.txt").stdout == b"hello casync\n"
+
+
 def test_listing_the_root_fetches_few_chunks(casync_archive, tmp_path):
     made = casync_archive("full", chunk_size="4K")
     chunks = (made.index.stat().st_size - 104) // 40

@@ -299,18 +299,20 @@ async def test_a_chunk_not_delivered_in_time_fails_again_at_once_for_a_moment():
 
 
 class HungLocalStore:
-    """A local directory on an NFS server that stopped answering."""
+    """A local directory on an NFS server that stopped answering, until
+    ``release`` is set: then it serves ``chunks``."""
     blocking = True
 
-    def __init__(self):
+    def __init__(self, chunks=()):
         self.release = threading.Event()
+        self.chunks = dict(chunks)
 
     def __str__(self):
         return "/nfs/store"
 
     def load(self, cid):
         self.release.wait(30)
-        return None
+        return (self.chunks[cid], False) if cid in self.chunks else None
 
     async def aclose(self):
         self.release.set()
@@ -415,4 +417,52 @@ async def test_hung_local_loads_leave_trios_own_threads_alone():
         with pytest.raises(ChunkError):
             await eng.get(x, len(dx))
     assert trio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
+    await eng.aclose()
+
+
+async def test_a_hung_local_store_hands_its_chunks_on_to_the_remote_one(tmp_path):
+    (a, da), (b, db), (c, dc), (d, dd) = [chunk(n) for n in range(4)]
+    hung = HungLocalStore([(c, dc)])
+    remote = Store("remote", [(a, da), (b, db), (d, dd)])
+    disk = DiskCache(str(tmp_path), 1 << 20)
+    disk.put(d, dd)
+    disk.flush()
+    eng = engine([hung, remote], deadline=1.0, disk=disk, threads=1)
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:   # more hops than threads
+        for x, dx in [(a, da), (b, db)]:
+            nursery.start_soon(_expect, eng, x, dx)
+    assert trio.current_time() - start < 0.9     # half the deadline, then the remote
+    start = trio.current_time()
+    assert await eng.get(d, len(dd)) == dd       # the disk cache needs a thread
+    with pytest.raises(ChunkError, match="/nfs/store skipped"):
+        await eng.get(c, len(dc))                # not waited for again
+    assert trio.current_time() - start < 0.2
+    hung.release.set()
+    with trio.fail_after(2):
+        while eng._near_stores[0].stuck:
+            await trio.sleep(0.01)
+    assert await eng.get(c, len(dc)) == dc       # asked again once it answers
+    await eng.aclose()
+
+
+async def _expect(eng, cid, data):
+    assert await eng.get(cid, len(data)) == data
+
+
+async def test_a_hung_local_store_alone_fails_at_once_after_one_deadline():
+    (a, da), (b, db) = chunk(1), chunk(2)
+    hung = HungLocalStore([(a, da), (b, db)])
+    eng = engine([hung], deadline=0.4)
+    with pytest.raises(ChunkError, match="/nfs/store gave no answer within 0.4 s"):
+        await eng.get(a, len(da))
+    start = trio.current_time()
+    with pytest.raises(ChunkError, match="skipped"):
+        await eng.get(b, len(db))
+    assert trio.current_time() - start < 0.2
+    hung.release.set()
+    with trio.fail_after(2):
+        while eng._near_stores[0].stuck:
+            await trio.sleep(0.01)
+    assert await eng.get(b, len(db)) == db
     await eng.aclose()
