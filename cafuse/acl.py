@@ -23,6 +23,8 @@ def xattrs(entry: Entry) -> dict[str, bytes]:
     the mode alone says everything."""
     out = {}
     acl = entry.acl
+    if acl is None:
+        return out
     if acl.users or acl.groups or acl.group_obj is not None:
         mode = entry.mode
         group_obj = acl.group_obj if acl.group_obj is not None else (mode >> 3) & 7
