@@ -16,6 +16,7 @@ import trio
 
 from . import catar
 from .errors import FormatError, NotFoundError
+from .siphash import siphash24
 
 # First read when decoding a node: enough for the FILENAME, the ENTRY and the
 # usual metadata in one go.
@@ -55,10 +56,14 @@ class Archive:
 
     async def children(self, directory: catar.Entry) -> list[catar.GoodbyeItem]:
         """The goodbye items of ``directory``, in their BST order."""
+        start, table = await self._goodbye(directory)
+        return catar.decode_goodbye(table, start, directory.offset)
+
+    async def _goodbye(self, directory):
+        """The start and the bytes of ``directory``'s GOODBYE record."""
         tail = await self._exact(directory.end - catar.GOODBYE_ITEM, catar.GOODBYE_ITEM)
         start = catar.decode_goodbye_tail(tail, directory.end, directory.offset)
-        table = await self._exact(start, directory.end - start)
-        return catar.decode_goodbye(table, start, directory.offset)
+        return start, await self._exact(start, directory.end - start)
 
     async def listdir(self, directory: catar.Entry) -> list[catar.Entry]:
         """The entries of ``directory`` in archive (strcmp) order."""
@@ -77,7 +82,8 @@ class Archive:
 
     async def lookup(self, directory: catar.Entry, name: bytes) -> catar.Entry | None:
         """The child ``name`` of ``directory``, or None."""
-        for item in catar.goodbye_candidates(await self.children(directory), name):
+        start, table = await self._goodbye(directory)
+        for item in catar.goodbye_search(table, start, directory.offset, siphash24(name)):
             child = await self.child(item)
             if child.name == name:
                 return child
