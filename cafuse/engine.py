@@ -7,10 +7,11 @@ store is verified against its id before it is cached or returned.
 Concurrent requests for one chunk share one load.  A store that looks down
 (after its own retries) is set aside for a back-off period while another
 store is left, so one dead mirror costs one deadline, not one per chunk; it
-is tried again when the period ends.  A local store listed before a remote
-one that leaves a load unanswered for half the deadline is skipped until
-that load returns.  A chunk that no source can deliver raises ChunkError
-naming the chunk and what each store said.
+is tried again when the period ends.  A local store read in a worker
+thread that was given up on (half the deadline when remote stores follow,
+else the deadline) is skipped until that read returns.  A chunk that no
+source can deliver raises ChunkError naming the chunk and what each store
+said.
 """
 
 import contextlib
@@ -105,11 +106,13 @@ class _Hop:
     """One worker-thread hop through the disk cache, seeds and leading
     local stores for several chunks, which the event loop may abandon.
     What the thread found before that is kept (``found``), and so is the
-    local store whose load it was in (``loading``, with its start)."""
-    __slots__ = ("found", "abandoned", "loading", "stuck_in")
+    local store whose load it was in (``loading``), which ``stuck_in``
+    names once it is counted as stuck."""
+    __slots__ = ("found", "started", "abandoned", "loading", "stuck_in")
 
     def __init__(self, n: int):
         self.found = [None] * n
+        self.started = False
         self.abandoned = False
         self.loading = None
         self.stuck_in = None
@@ -246,8 +249,9 @@ class ChunkEngine:
                                   f"{self.deadline:g} s")
 
     async def _load(self, wanted, mine, results, priority, on_arrival):
+        until = trio.current_time() + self.deadline
         firsts = [ks[0] for ks in mine.values()]
-        nearby = await self._look_nearby(wanted, firsts)
+        nearby, gave_up = await self._look_nearby(wanted, firsts)
         far = []
         for k, (source, data, raw_size, problems) in zip(firsts, nearby):
             if data is None:
@@ -256,8 +260,10 @@ class ChunkEngine:
                 self._account(source, raw_size)
                 results[k] = data
                 on_arrival(wanted[k][0], data)
+        if far and gave_up and not self._far_stores:
+            raise ChunkTimeout(f"chunk {wanted[far[0][0]][0].hex()}: {gave_up}")
         if far:
-            await self._load_far(wanted, far, results, priority, on_arrival)
+            await self._load_far(wanted, far, results, priority, on_arrival, until)
         for ks in mine.values():
             for k in ks[1:]:
                 results[k] = results[ks[0]]
@@ -281,16 +287,17 @@ class ChunkEngine:
         """``_nearby`` of each first of ``wanted``, in one worker-thread hop
         (none when there is nowhere near to look).
 
-        The hop is abandoned, not waited for, at its time limit: a local
-        store on a hung NFS server never returns.  When remote stores
-        follow, that limit is half the deadline, and the chunks the hop had
-        not found go on to them; the local store it was stuck in is skipped
-        until its loads return."""
+        The hop is abandoned, not waited for, at its time limit (or when
+        its reader goes): a local store on a hung NFS server never returns.
+        When remote stores follow, that limit is half the deadline, and the
+        chunks the hop had not found go on to them.  Also returned: what to
+        say of those chunks if it was abandoned, else None."""
         if self.disk is None and not self.seeds and not self._near_stores:
-            return [(None, None, 0, []) for _ in firsts]  # a problems list each
+            return [(None, None, 0, []) for _ in firsts], None  # a problems list each
         hop = _Hop(len(firsts))
 
         def look():
+            hop.started = True
             cached = self._disk_call("present", [wanted[k][0] for k in firsts]) or set()
             for i, k in enumerate(firsts):
                 try:
@@ -302,32 +309,37 @@ class ChunkEngine:
                         return
                     hop.found[i] = outcome
         limit = self.deadline / 2 if self._far_stores else self.deadline
-        with trio.move_on_after(limit):
-            await trio.to_thread.run_sync(look, limiter=self._nearby_limiter,
-                                          abandon_on_cancel=True)
-            return hop.found
-        return self._abandon(hop, wanted[firsts[0]][0], limit)
+        try:
+            with trio.move_on_after(limit):
+                await trio.to_thread.run_sync(look, limiter=self._nearby_limiter,
+                                              abandon_on_cancel=True)
+                return hop.found, None
+        except BaseException:  # cancelled from outside: its thread is left too
+            self._abandon(hop, limit)
+            raise
+        problem = self._abandon(hop, limit)
+        return [found or (None, None, 0, [problem]) for found in hop.found], problem
 
-    def _abandon(self, hop, chunk_id, limit):
-        """What ``hop`` found before it ran out of ``limit`` (waiting for a
-        thread, or in a load); the rest go on to the remote stores."""
+    def _abandon(self, hop, limit):
+        """Give up on ``hop``; what to say of the chunks it had not found.
+        A local store it is stuck in is skipped until that load returns,
+        and the limiter is replaced: the thread keeps its token till then."""
         with self._hop_lock:
             hop.abandoned = True
             loading = hop.loading
-            if loading is not None and time.monotonic() - loading[1] >= limit / 2:
-                hop.stuck_in = loading[0]
-                loading[0].stuck += 1
-        if hop.stuck_in is not None:
-            # Its thread keeps a token of the old limiter until it ends.
-            self._nearby_limiter = trio.CapacityLimiter(self._threads)
-            log.warning("local store %s gave no answer within %g s; skipping it "
-                        "until its loads return", loading[0].store, limit)
-        where = loading[0].store if loading else "the disk cache, seeds and local stores"
-        if not self._far_stores:
-            raise ChunkTimeout(f"chunk {chunk_id.hex()}: {where} gave no answer "
-                               f"within {limit:g} s")
-        problem = f"{where} gave no answer within {limit:g} s"
-        return [found or (None, None, 0, [problem]) for found in hop.found]
+            if loading is not None:
+                hop.stuck_in = loading
+                loading.stuck += 1
+        if loading is None:
+            if not hop.started:
+                return ("no worker thread was free for the disk cache, seeds and local "
+                        f"stores within {limit:g} s")
+            return f"the disk cache, seeds and local stores gave no answer within {limit:g} s"
+        self._nearby_limiter = trio.CapacityLimiter(self._threads)
+        if loading.stuck == 1:
+            log.warning("local store %s gave no answer within %g s; skipping it until "
+                        "its loads return", loading.store, limit)
+        return f"{loading.store} gave no answer within {limit:g} s"
 
     def _nearby(self, hop, chunk_id, size, cached):
         """Disk cache (if ``cached`` says it lists the chunk), seeds, leading
@@ -363,7 +375,7 @@ class ChunkEngine:
         with self._hop_lock:
             if hop.abandoned:
                 raise _Abandoned
-            hop.loading = state, time.monotonic()
+            hop.loading = state
         try:
             return state.store.load(chunk_id)
         finally:
@@ -377,16 +389,17 @@ class ChunkEngine:
             if back:
                 log.warning("local store %s answered again", state.store)
 
-    async def _load_far(self, wanted, far, results, priority, on_arrival):
+    async def _load_far(self, wanted, far, results, priority, on_arrival, until):
         """Fetch from the remaining stores concurrently, and decode what has
         arrived in one worker-thread hop per group (a hop per chunk costs
         the event loop, which is what bounds remote fetching).  A chunk that
-        does not decode to its id is fetched again from the next store."""
+        does not decode to its id is fetched again from the next store.
+        The first store's fetches end at ``until``, the load's deadline."""
         arrived_in, arrived = trio.open_memory_channel(len(far))
 
         async def fetch(k, problems):
             position, found = await self._fetch_with_deadline(
-                wanted[k][0], problems, 0, priority[wanted[k][0]])
+                wanted[k][0], problems, 0, priority[wanted[k][0]], until)
             arrived_in.send_nowait((k, problems, position, found))
 
         async def again(k, problems, position, error):
@@ -438,8 +451,8 @@ class ChunkEngine:
                 return outcome
             error = outcome
 
-    async def _fetch_with_deadline(self, chunk_id, problems, start, priority):
-        with trio.move_on_after(self.deadline):
+    async def _fetch_with_deadline(self, chunk_id, problems, start, priority, until=None):
+        with trio.move_on_at(trio.current_time() + self.deadline if until is None else until):
             return await self._fetch(chunk_id, problems, start, priority)
         problems.append(f"not delivered within {self.deadline:g} s")
         message = f"chunk {chunk_id.hex()}: " + "; ".join(problems)

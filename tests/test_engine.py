@@ -466,3 +466,77 @@ async def test_a_hung_local_store_alone_fails_at_once_after_one_deadline():
             await trio.sleep(0.01)
     assert await eng.get(b, len(db)) == db
     await eng.aclose()
+
+
+class DyingLocalStore(HungLocalStore):
+    """Answers its first ``answers`` loads after 0.3 s each, then hangs."""
+
+    def __init__(self, chunks, answers):
+        super().__init__(chunks)
+        self.answers = answers
+        self.lock = threading.Lock()
+
+    def load(self, cid):
+        with self.lock:
+            self.answers -= 1
+            dead = self.answers < 0
+        if not dead:
+            threading.Event().wait(0.3)
+        return super().load(cid) if dead else (self.chunks[cid], False)
+
+
+def cached(tmp_path, *chunks):
+    disk = DiskCache(str(tmp_path), 1 << 20)
+    for cid, data in chunks:
+        disk.put(cid, data)
+    disk.flush()
+    return disk
+
+
+async def test_loads_that_hang_after_a_wait_for_a_thread_are_set_aside(tmp_path):
+    # The last two loads begin 0.3 s into their half deadline, then hang.
+    chunks, (d, dd) = [chunk(n) for n in range(4)], chunk(9)
+    dying = DyingLocalStore(chunks, answers=2)
+    eng = engine([dying, Store("remote", chunks)], deadline=1.0,
+                 disk=cached(tmp_path, (d, dd)), threads=2, memory_bytes=0)
+    async with trio.open_nursery() as nursery:
+        for x, dx in chunks:
+            nursery.start_soon(_expect, eng, x, dx)
+    assert eng._near_stores[0].stuck == 2
+    eng.stats.sources.clear()
+    with trio.fail_after(0.2):
+        assert await eng.get(d, len(dd)) == dd
+    assert eng.stats.sources == {"disk cache": 1}
+    await eng.aclose()
+
+
+async def test_a_hop_cancelled_from_outside_still_sets_its_hung_store_aside(tmp_path):
+    (a, da), (d, dd) = chunk(1), chunk(9)
+    eng = engine([HungLocalStore(), Store("remote", [(a, da)])], deadline=1.0,
+                 disk=cached(tmp_path, (d, dd)), threads=1)
+    with trio.move_on_after(0.2):       # a reader that went away
+        await eng.get(a, len(da))
+    assert eng._near_stores[0].stuck == 1
+    with trio.fail_after(0.2):
+        assert await eng.get(d, len(dd)) == dd
+    await eng.aclose()
+
+
+async def test_what_a_given_up_hop_found_is_kept(tmp_path):
+    (x, dx), (y, dy) = chunk(1), chunk(2)
+    eng = engine([HungLocalStore([(y, dy)])], deadline=0.3, disk=cached(tmp_path, (x, dx)))
+    with pytest.raises(ChunkError, match=f"chunk {y.hex()}: /nfs/store gave no answer"):
+        await eng.get_many([(x, len(dx)), (y, len(dy))])
+    assert await eng.get(x, len(dx)) == dx     # not remembered as failed
+    await eng.aclose()
+
+
+async def test_a_hung_local_store_and_a_hung_mirror_cost_one_deadline():
+    (a, da), = [chunk(1)]
+    eng = engine([HungLocalStore(), Store("remote", [(a, da)], lambda cid, n: "stall")],
+                 deadline=1.0)
+    start = trio.current_time()
+    with pytest.raises(ChunkError, match="not delivered within 1 s"):
+        await eng.get(a, len(da))
+    assert trio.current_time() - start < 1.3
+    await eng.aclose()
