@@ -67,7 +67,14 @@ class Archive:
 
     async def listdir(self, directory: catar.Entry) -> list[catar.Entry]:
         """The entries of ``directory`` in archive (strcmp) order."""
-        items = sorted(await self.children(directory), key=lambda item: item.start)
+        return await self.entries(await self.members(directory))
+
+    async def members(self, directory: catar.Entry) -> list[catar.GoodbyeItem]:
+        """The goodbye items of ``directory`` in archive (strcmp) order."""
+        return sorted(await self.children(directory), key=lambda item: item.start)
+
+    async def entries(self, items: list[catar.GoodbyeItem]) -> list[catar.Entry]:
+        """The children ``items`` point at, decoded."""
         out = []
         for k in range(0, len(items), _LIST_BATCH):
             batch = items[k:k + _LIST_BATCH]

@@ -228,5 +228,12 @@ class DirentBuffer:
         self.used += need
         return True
 
+    def room(self) -> int:
+        """How many more entries fit at most (names of up to 8 bytes)."""
+        smallest = _DIRENT.size + 8
+        if self.plus:
+            smallest += _ENTRY_OUT.size + _ATTR.size
+        return (self.size - self.used) // smallest
+
     def payload(self) -> bytes:
         return b"".join(self.parts)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import trio
 
 from cafuse.catar import Entry
+from cafuse.mount import LISTED_ENTRIES, Listings
 from cafuse.walk import (PUSH_FILE_MAX, RUN_GAP, WALK_FILES, WALK_GAP, WalkAhead, _runs,
                          node_of)
 
@@ -40,8 +41,8 @@ def start_walk(ahead, gap=0, size=0):
 
 def test_what_makes_a_walk():
     async def check():
-        ahead = WalkAhead(SimpleNamespace(source=None), {}, lambda node: True,
-                          lambda *a: True)
+        ahead = WalkAhead(SimpleNamespace(source=None), Listings(LISTED_ENTRIES),
+                          lambda node: True, lambda *a: True)
         start_walk(ahead, gap=WALK_GAP + 1, size=10)  # modules here and there: no walk
         assert not ahead.walking()
         big = entry(1 << 30, 100 << 20)  # one big file read sequentially: no walk
@@ -58,7 +59,7 @@ def walk_ahead(made, known=lambda node: True):
     inp = open_made(made)
     archive = inp.archive()
     stored = []
-    listings = {}
+    listings = Listings(LISTED_ENTRIES)
     ahead = WalkAhead(archive, listings, known,
                       lambda node, offset, data: stored.append((node, offset, bytes(data)))
                       or True)

@@ -163,10 +163,11 @@ def build_longname_tree(root: Path) -> Path:
 
 
 @_umask_022
-def build_bigdir_tree(root: Path, n: int = 10_000) -> Path:
-    (root / "big").mkdir(parents=True)
-    for i in range(n):
-        (root / "big" / f"file{i:05d}").write_bytes(b"%d\n" % i)
+def build_bigdir_tree(root: Path, n: int = 10_000, names=("big",)) -> Path:
+    for name in names:
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            (root / name / f"file{i:05d}").write_bytes(b"%d\n" % i)
     _times(root)
     return root
 
