@@ -54,11 +54,6 @@ class Archive:
             raise FormatError("the archive's root is not a directory", 0)
         return entry
 
-    async def children(self, directory: catar.Entry) -> list[catar.GoodbyeItem]:
-        """The goodbye items of ``directory``, in their BST order."""
-        start, table = await self._goodbye(directory)
-        return catar.decode_goodbye(table, start, directory.offset)
-
     async def _goodbye(self, directory):
         """The start and the bytes of ``directory``'s GOODBYE record."""
         tail = await self._exact(directory.end - catar.GOODBYE_ITEM, catar.GOODBYE_ITEM)
@@ -67,20 +62,21 @@ class Archive:
 
     async def listdir(self, directory: catar.Entry) -> list[catar.Entry]:
         """The entries of ``directory`` in archive (strcmp) order."""
-        return await self.entries(await self.members(directory))
+        return await self.entries((await self.places(directory)).page())
 
-    async def members(self, directory: catar.Entry) -> list[catar.GoodbyeItem]:
-        """The goodbye items of ``directory`` in archive (strcmp) order."""
-        return sorted(await self.children(directory), key=lambda item: item.start)
+    async def places(self, directory: catar.Entry) -> catar.Places:
+        """Where the children of ``directory`` lie, in archive (strcmp) order."""
+        start, table = await self._goodbye(directory)
+        return catar.goodbye_places(table, start, directory.offset)
 
-    async def entries(self, items: list[catar.GoodbyeItem]) -> list[catar.Entry]:
-        """The children ``items`` point at, decoded."""
+    async def entries(self, places: list[tuple[int, int]]) -> list[catar.Entry]:
+        """The children at these ``(start, size)`` places, decoded."""
         out = []
-        for k in range(0, len(items), _LIST_BATCH):
-            batch = items[k:k + _LIST_BATCH]
-            await self.source.preload([(i.start, min(_NODE_WINDOW, i.size)) for i in batch])
-            for item in batch:
-                out.append(await self.child(item))
+        for k in range(0, len(places), _LIST_BATCH):
+            batch = places[k:k + _LIST_BATCH]
+            await self.source.preload([(start, min(_NODE_WINDOW, size)) for start, size in batch])
+            for start, size in batch:
+                out.append(await self.child(start, size))
                 # Reads served from memory never yield: let other tasks (a
                 # FUSE request waiting for this process) in now and then.
                 if len(out) % 32 == 0:
@@ -91,20 +87,20 @@ class Archive:
         """The child ``name`` of ``directory``, or None."""
         start, table = await self._goodbye(directory)
         for item in catar.goodbye_search(table, start, directory.offset, siphash24(name)):
-            child = await self.child(item)
+            child = await self.child(item.start, item.size)
             if child.name == name:
                 return child
         return None
 
-    async def child(self, item: catar.GoodbyeItem) -> catar.Entry:
-        """Decode the child a goodbye item points at (its FILENAME, then node)."""
-        end = item.start + item.size
-        buf = await self.source.read(item.start, min(_NODE_WINDOW, item.size))
-        decoded = catar.decode_filename(buf, item.start)
+    async def child(self, start: int, size: int) -> catar.Entry:
+        """Decode the child whose goodbye item says it spans ``size`` bytes
+        from ``start`` (its FILENAME, then its node)."""
+        buf = await self.source.read(start, min(_NODE_WINDOW, size))
+        decoded = catar.decode_filename(buf, start)
         if isinstance(decoded, catar.NeedMore):
-            raise FormatError("FILENAME runs past its goodbye item", item.start)
-        name, size = decoded
-        return await self._node(item.start + size, end, name, buf[size:])
+            raise FormatError("FILENAME runs past its goodbye item", start)
+        name, length = decoded
+        return await self._node(start + length, start + size, name, buf[length:])
 
     async def resolve(self, path: str | bytes, follow: bool = False) -> catar.Entry:
         """The entry at ``path``, relative to the root, resolved the way the

@@ -76,7 +76,7 @@ async def build_fs(inp: Input):
     if inp.is_tree:
         archive = Archive(stream)
         root = await archive.root()
-        await archive.children(root)
+        await archive.places(root)
         return TreeFS(stream, root, mtime_ns)
     if stream.size:
         await stream.read(0, 1)

@@ -14,7 +14,6 @@ error below (a chunk no store can deliver, malformed archive bytes) becomes
 EIO for that one request, with one log line; the mount stays up.
 """
 
-import array
 import errno
 import logging
 import os
@@ -27,7 +26,7 @@ import trio
 from . import acl
 from . import fuseproto as proto
 from .archive import Archive
-from .catar import Entry, GoodbyeItem
+from .catar import Entry
 from .errors import CafuseError
 from .fusesession import FuseError
 from .stream import IndexStream
@@ -43,7 +42,7 @@ PREFETCH_TASKS = 4           # background prefetches at once; more are dropped
 LISTED_ENTRIES = 100_000     # directory entries kept decoded for readdir
 # A directory of more entries is decoded a reply at a time, and only its
 # children's places are kept: 16 bytes each, this many at most.
-PAGED_MEMBERS = 2_000_000
+PAGED_PLACES = 2_000_000
 READERS = 4096               # sequential-read windows remembered
 ARCHIVE_GAP = 1 << 20        # a tree read this far past the last is still "forward"
 
@@ -223,7 +222,7 @@ class BlobFS(_Base):
 
 class Listings:
     """Directory listings (node -> its children in archive order, decoded
-    or as ``Members``), so that a listing read in several requests is read
+    or as ``Places``), so that a listing read in several requests is read
     once: least recently used out first, bounded by their entries.  A
     directory larger than the whole bound is kept too, alone (the latest
     such one): reading it again for each page of its listing would cost its
@@ -249,24 +248,6 @@ class Listings:
             self._lru[node] = children
 
 
-class Members:
-    """Where the children of a directory too large to keep decoded lie, in
-    archive order: 16 bytes a child, against some 340 decoded."""
-
-    def __init__(self, items: list[GoodbyeItem]):
-        self._starts = array.array("Q", (item.start for item in items))
-        self._sizes = array.array("Q", (item.size for item in items))
-
-    def __len__(self) -> int:
-        return len(self._starts)
-
-    def page(self, first: int, count: int) -> list[GoodbyeItem]:
-        """Children ``first`` to ``first + count`` (their hashes left out)."""
-        end = first + count
-        return [GoodbyeItem(start, size, 0)
-                for start, size in zip(self._starts[first:end], self._sizes[first:end])]
-
-
 class TreeFS(_Base):
     """The directory tree of a catar stream, served through goodbye tables.
 
@@ -285,7 +266,7 @@ class TreeFS(_Base):
         self._lookups: dict[int, int] = {}
         self._parents: dict[int, int] = {}  # node -> its directory's, for listed nodes
         self._dirs = Listings(LISTED_ENTRIES)
-        self._paged = Listings(PAGED_MEMBERS)  # node -> Members, for larger ones
+        self._paged = Listings(PAGED_PLACES)  # node -> Places, for larger ones
         self.walk = WalkAhead(self.archive, self._dirs, self._lookups.__contains__,
                               lambda node, offset, data: self.session.store(node, offset, data))
 
@@ -357,19 +338,17 @@ class TreeFS(_Base):
 
     async def _list_then_reply(self, node, directory, offset, out):
         with _errors_as_eio(f"listing of directory at offset {directory.offset}"):
-            members = self._paged.get(node)
-            if members is None:
-                members = await self.archive.members(directory)
-                if len(members) > LISTED_ENTRIES:
-                    members = Members(members)
-                    self._paged[node] = members
-            if isinstance(members, Members):
-                first = max(offset - 2, 0)  # after "." and ".."
-                page = await self.archive.entries(members.page(first, out.room()))
-                return self._dirents(node, page, offset, out, first)
-            children = await self.archive.entries(members)
-        self._dirs[node] = children
-        return self._listing(node, children, offset, out)
+            places = self._paged.get(node)
+            if places is None:
+                places = await self.archive.places(directory)
+                if len(places) <= LISTED_ENTRIES:
+                    children = await self.archive.entries(places.page())
+                    self._dirs[node] = children
+                    return self._listing(node, children, offset, out)
+                self._paged[node] = places
+            first = max(offset - 2, 0)  # after "." and ".."
+            page = await self.archive.entries(places.page(first, out.room()))
+        return self._dirents(node, page, offset, out, first)
 
     def _listing(self, node, children, offset, out):
         """``_dirents`` of a whole listing, which a walk may want too."""

@@ -167,9 +167,9 @@ class WalkAhead:
             # The walk lists this directory next: list it now.
             directory = heapq.heappop(self._dirs)[2]
             if node_of(directory) not in self.listings:
-                members = await self.archive.members(directory)
-                if len(members) <= self.listings.max_entries:  # else listed a page at a time
-                    self.listings[node_of(directory)] = await self.archive.entries(members)
+                places = await self.archive.places(directory)
+                if len(places) <= self.listings.max_entries:  # else listed a page at a time
+                    self.listings[node_of(directory)] = await self.archive.entries(places.page())
             return
         batch = self._take()
         if batch:
