@@ -7,11 +7,11 @@ store is verified against its id before it is cached or returned.
 Concurrent requests for one chunk share one load.  A store that looks down
 (after its own retries) is set aside for a back-off period while another
 store is left, so one dead mirror costs one deadline, not one per chunk; it
-is tried again when the period ends.  A local store read in a worker
-thread that was given up on (half the deadline when remote stores follow,
-else the deadline) is skipped until that read returns.  A chunk that no
-source can deliver raises ChunkError naming the chunk and what each store
-said.
+is tried again when the period ends.  The disk cache, a seed or a local
+store (read in worker threads, which a hung NFS server never lets go) is
+skipped while a read from it that was given up on has run for a quarter
+of the deadline, until those reads return.  A chunk that no source can
+deliver raises ChunkError naming the chunk and what each store said.
 """
 
 import contextlib
@@ -55,11 +55,24 @@ class Stats:
     transferred: int = 0      # bytes received from stores (compressed)
 
 
+class _Place:
+    """The disk cache, a seed or a local store, as read in worker threads:
+    the calls into it that the event loop gave up on while they ran
+    (``given_up``: their hop -> when the call began, monotonic), and
+    whether it has been said to be stuck."""
+    __slots__ = ("name", "given_up", "warned")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.given_up: dict[_Hop, float] = {}
+        self.warned = False
+
+
 class _StoreState:
     def __init__(self, store):
         self.store = store
+        self.place = _Place(str(store))   # as a local store read in a hop
         self.down_until = 0.0
-        self.stuck = 0     # abandoned loads of a local store still running
         self._fetches: set[trio.CancelScope] = set()
 
     def available(self) -> bool:
@@ -106,16 +119,18 @@ class _Hop:
     """One worker-thread hop through the disk cache, seeds and leading
     local stores for several chunks, which the event loop may abandon.
     What the thread found before that is kept (``found``), and so is the
-    local store whose load it was in (``loading``), which ``stuck_in``
-    names once it is counted as stuck."""
-    __slots__ = ("found", "started", "abandoned", "loading", "stuck_in")
+    call it was in (``within``: its ``_Place`` and when it began).  An
+    abandoned thread still running keeps its limiter token, so the
+    limiter is ``lent`` one more until the thread ends."""
+    __slots__ = ("found", "started", "finished", "abandoned", "within", "lent")
 
     def __init__(self, n: int):
         self.found = [None] * n
         self.started = False
+        self.finished = False
         self.abandoned = False
-        self.loading = None
-        self.stuck_in = None
+        self.within = None
+        self.lent = False
 
 
 class ChunkEngine:
@@ -128,6 +143,10 @@ class ChunkEngine:
         self.deadline = deadline
         self.backoff = backoff
         self.stats = Stats()
+        # A place whose given-up call has run this long is skipped.
+        self._stuck_after = deadline / 4
+        self._disk_place = _Place("the disk cache")
+        self._seed_places = [_Place(f"seed {seed}") for seed in self.seeds]
         states = [_StoreState(s) for s in stores]
         # Local stores ahead of the first remote one are read in the same
         # worker-thread hop as the disk cache and seeds.
@@ -137,7 +156,6 @@ class ChunkEngine:
             if memory_bytes else None
         self._loading: dict[bytes, _Shared] = {}
         self._failed = cachetools.TTLCache(4096, FAILURE_MEMORY)
-        self._threads = threads
         self._limiter = trio.CapacityLimiter(threads)
         # Loads that may be abandoned at a deadline (disk cache, seeds and
         # local stores: a hung NFS server never returns) keep their tokens
@@ -253,7 +271,8 @@ class ChunkEngine:
         firsts = [ks[0] for ks in mine.values()]
         nearby, gave_up = await self._look_nearby(wanted, firsts)
         far = []
-        for k, (source, data, raw_size, problems) in zip(firsts, nearby):
+        for k, outcome in zip(firsts, nearby):
+            source, data, raw_size, problems = outcome or (None, None, 0, [gave_up])
             if data is None:
                 far.append((k, problems))
             else:
@@ -261,7 +280,9 @@ class ChunkEngine:
                 results[k] = data
                 on_arrival(wanted[k][0], data)
         if far and gave_up and not self._far_stores:
-            raise ChunkTimeout(f"chunk {wanted[far[0][0]][0].hex()}: {gave_up}")
+            # Named: a chunk the hop gave no answer for, not one it had found missing.
+            k = next((k for k, outcome in zip(firsts, nearby) if outcome is None), far[0][0])
+            raise ChunkTimeout(f"chunk {wanted[k][0].hex()}: {gave_up}")
         if far:
             await self._load_far(wanted, far, results, priority, on_arrival, until)
         for ks in mine.values():
@@ -285,7 +306,8 @@ class ChunkEngine:
 
     async def _look_nearby(self, wanted, firsts):
         """``_nearby`` of each first of ``wanted``, in one worker-thread hop
-        (none when there is nowhere near to look).
+        (none when there is nowhere near to look): its outcome, or None
+        where the hop gave no answer.
 
         The hop is abandoned, not waited for, at its time limit (or when
         its reader goes): a local store on a hung NFS server never returns.
@@ -295,19 +317,29 @@ class ChunkEngine:
         if self.disk is None and not self.seeds and not self._near_stores:
             return [(None, None, 0, []) for _ in firsts], None  # a problems list each
         hop = _Hop(len(firsts))
+        trio_token = trio.lowlevel.current_trio_token()
 
         def look():
-            hop.started = True
-            cached = self._disk_call("present", [wanted[k][0] for k in firsts]) or set()
-            for i, k in enumerate(firsts):
-                try:
+            with self._hop_lock:
+                hop.started = True
+            try:
+                cached = self._near_call(hop, self._disk_place, self._disk_call, "present",
+                                         [wanted[k][0] for k in firsts]) or set()
+                for i, k in enumerate(firsts):
                     outcome = self._nearby(hop, *wanted[k], wanted[k][0] in cached)
-                except _Abandoned:
-                    return
+                    with self._hop_lock:
+                        if hop.abandoned:
+                            return
+                        hop.found[i] = outcome
+            except _Abandoned:
+                return
+            finally:
                 with self._hop_lock:
-                    if hop.abandoned:
-                        return
-                    hop.found[i] = outcome
+                    hop.finished = True
+                    lent = hop.lent
+                if lent:
+                    with contextlib.suppress(trio.RunFinishedError):
+                        trio_token.run_sync_soon(self._take_back_token)
         limit = self.deadline / 2 if self._far_stores else self.deadline
         try:
             with trio.move_on_after(limit):
@@ -317,49 +349,52 @@ class ChunkEngine:
         except BaseException:  # cancelled from outside: its thread is left too
             self._abandon(hop, limit)
             raise
-        problem = self._abandon(hop, limit)
-        return [found or (None, None, 0, [problem]) for found in hop.found], problem
+        return hop.found, self._abandon(hop, limit)
 
     def _abandon(self, hop, limit):
         """Give up on ``hop``; what to say of the chunks it had not found.
-        A local store it is stuck in is skipped until that load returns,
-        and the limiter is replaced: the thread keeps its token till then."""
+        The call it is in is counted against its place, and while its
+        thread runs on (holding its token) the limiter has one more."""
         with self._hop_lock:
             hop.abandoned = True
-            loading = hop.loading
-            if loading is not None:
-                hop.stuck_in = loading
-                loading.stuck += 1
-        if loading is None:
-            if not hop.started:
-                return ("no worker thread was free for the disk cache, seeds and local "
-                        f"stores within {limit:g} s")
-            return f"the disk cache, seeds and local stores gave no answer within {limit:g} s"
-        self._nearby_limiter = trio.CapacityLimiter(self._threads)
-        if loading.stuck == 1:
-            log.warning("local store %s gave no answer within %g s; skipping it until "
-                        "its loads return", loading.store, limit)
-        return f"{loading.store} gave no answer within {limit:g} s"
+            within = hop.within
+            if within is not None:
+                place, began = within
+                place.given_up[hop] = began
+            hop.lent = hop.started and not hop.finished
+        if hop.lent:
+            self._nearby_limiter.total_tokens += 1
+        if within is not None:
+            return f"{within[0].name} gave no answer within {limit:g} s"
+        if not hop.started:
+            return ("no worker thread was free for the disk cache, seeds and local "
+                    f"stores within {limit:g} s")
+        return f"the disk cache, seeds and local stores gave no answer within {limit:g} s"
+
+    def _take_back_token(self):
+        self._nearby_limiter.total_tokens -= 1
 
     def _nearby(self, hop, chunk_id, size, cached):
         """Disk cache (if ``cached`` says it lists the chunk), seeds, leading
         local stores (blocking, in ``hop``'s thread): (source, data or
         None, bytes read from a store, problems)."""
-        data = self._disk_call("get", chunk_id) if cached else None
-        if data is not None and len(data) == size:
-            return "disk cache", data, 0, []
-        for seed in self.seeds:
-            data = seed.load(chunk_id, size, self.digest)
-            if data is not None:
-                return "seed", data, 0, []
+        if cached:
+            data = self._near_call(hop, self._disk_place, self._disk_call, "get", chunk_id)
+            if data is not None and len(data) == size:
+                return "disk cache", data, 0, []
+        for seed, place in zip(self.seeds, self._seed_places):
+            if not self._stuck(place):
+                data = self._near_call(hop, place, seed.load, chunk_id, size, self.digest)
+                if data is not None:
+                    return "seed", data, 0, []
         problems = []
         for state in self._near_stores:
-            if state.stuck:
+            if self._stuck(state.place):
                 problems.append(f"{state.store} skipped: an earlier load from it "
                                 "has not returned")
                 continue
             try:
-                found = self._near_load(hop, state, chunk_id)
+                found = self._near_call(hop, state.place, state.store.load, chunk_id)
                 if found is None:
                     problems.append(f"missing from {state.store}")
                     continue
@@ -370,31 +405,43 @@ class ChunkEngine:
             return str(state.store), data, len(found[0]), problems
         return None, None, 0, problems
 
-    def _near_load(self, hop, state, chunk_id):
-        """``state.store.load``, as the load ``hop`` is in (blocking)."""
+    def _stuck(self, place):
+        """Whether a call into ``place`` that was given up on has run for
+        ``_stuck_after`` (a young one may only have been slow)."""
+        now = time.monotonic()
+        with self._hop_lock:
+            stuck = any(now - began >= self._stuck_after for began in place.given_up.values())
+            tell = stuck and not place.warned
+            place.warned |= stuck
+        if tell:
+            log.warning("%s has not answered for %g s; skipping it until it does",
+                        place.name, self._stuck_after)
+        return stuck
+
+    def _near_call(self, hop, place, call, *args):
+        """``call(*args)`` (blocking), as the call ``hop`` is in, at ``place``."""
         with self._hop_lock:
             if hop.abandoned:
                 raise _Abandoned
-            hop.loading = state
+            hop.within = (place, time.monotonic())
         try:
-            return state.store.load(chunk_id)
+            return call(*args)
         finally:
             with self._hop_lock:
-                hop.loading = None
-                back = hop.stuck_in is state
+                hop.within = None
+                place.given_up.pop(hop, None)
+                back = place.warned and not place.given_up
                 if back:
-                    hop.stuck_in = None
-                    state.stuck -= 1
-                    back = not state.stuck
+                    place.warned = False
             if back:
-                log.warning("local store %s answered again", state.store)
+                log.warning("%s answered again", place.name)
 
     async def _load_far(self, wanted, far, results, priority, on_arrival, until):
         """Fetch from the remaining stores concurrently, and decode what has
         arrived in one worker-thread hop per group (a hop per chunk costs
         the event loop, which is what bounds remote fetching).  A chunk that
         does not decode to its id is fetched again from the next store.
-        The first store's fetches end at ``until``, the load's deadline."""
+        All of it ends at ``until``, the load's deadline."""
         arrived_in, arrived = trio.open_memory_channel(len(far))
 
         async def fetch(k, problems):
@@ -404,7 +451,7 @@ class ChunkEngine:
 
         async def again(k, problems, position, error):
             results[k] = await self._far_again(wanted[k], problems, position, error,
-                                               priority[wanted[k][0]])
+                                               priority[wanted[k][0]], until)
             on_arrival(wanted[k][0], results[k])
 
         async def decode_arrivals(nursery):
@@ -435,15 +482,15 @@ class ChunkEngine:
                 for k, problems in far:
                     nursery.start_soon(fetch, k, problems)
 
-    async def _far_again(self, want, problems, position, error, priority):
+    async def _far_again(self, want, problems, position, error, priority, until):
         """After ``error`` from the store at ``position``: the next stores,
-        one at a time."""
+        one at a time, until ``until``."""
         while True:
             store = self._far_stores[position].store
             problems.append(f"{error} ({store})")
             log.warning("%s (store %s)", error, store)
             position, found = await self._fetch_with_deadline(want[0], problems, position + 1,
-                                                              priority)
+                                                              priority, until)
             outcome = await trio.to_thread.run_sync(self._decode, want, position, found,
                                                     limiter=self._limiter)
             if not isinstance(outcome, ChunkError):
@@ -451,8 +498,8 @@ class ChunkEngine:
                 return outcome
             error = outcome
 
-    async def _fetch_with_deadline(self, chunk_id, problems, start, priority, until=None):
-        with trio.move_on_at(trio.current_time() + self.deadline if until is None else until):
+    async def _fetch_with_deadline(self, chunk_id, problems, start, priority, until):
+        with trio.move_on_at(until):
             return await self._fetch(chunk_id, problems, start, priority)
         problems.append(f"not delivered within {self.deadline:g} s")
         message = f"chunk {chunk_id.hex()}: " + "; ".join(problems)
@@ -514,9 +561,9 @@ class ChunkEngine:
 
     def _disk_call(self, method, *args):
         """A disk cache call (in a worker thread); a failure is a miss, or
-        a chunk not cached."""
+        a chunk not cached, and so is a call while the cache is stuck."""
         disk = self.disk
-        if disk is None:
+        if disk is None or self._stuck(self._disk_place):
             return None
         try:
             result = getattr(disk, method)(*args)

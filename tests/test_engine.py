@@ -2,6 +2,7 @@
 cue: when a store is set aside, when the disk cache is given up, and that
 one load of a chunk serves every reader waiting for it."""
 
+import contextlib
 import hashlib
 import math
 import socket
@@ -440,7 +441,7 @@ async def test_a_hung_local_store_hands_its_chunks_on_to_the_remote_one(tmp_path
     assert trio.current_time() - start < 0.2
     hung.release.set()
     with trio.fail_after(2):
-        while eng._near_stores[0].stuck:
+        while given_up(eng):
             await trio.sleep(0.01)
     assert await eng.get(c, len(dc)) == dc       # asked again once it answers
     await eng.aclose()
@@ -462,7 +463,7 @@ async def test_a_hung_local_store_alone_fails_at_once_after_one_deadline():
     assert trio.current_time() - start < 0.2
     hung.release.set()
     with trio.fail_after(2):
-        while eng._near_stores[0].stuck:
+        while given_up(eng):
             await trio.sleep(0.01)
     assert await eng.get(b, len(db)) == db
     await eng.aclose()
@@ -485,6 +486,11 @@ class DyingLocalStore(HungLocalStore):
         return super().load(cid) if dead else (self.chunks[cid], False)
 
 
+def given_up(eng, k=0):
+    """Loads from local store ``k`` given up on and still running."""
+    return len(eng._near_stores[k].place.given_up)
+
+
 def cached(tmp_path, *chunks):
     disk = DiskCache(str(tmp_path), 1 << 20)
     for cid, data in chunks:
@@ -502,7 +508,7 @@ async def test_loads_that_hang_after_a_wait_for_a_thread_are_set_aside(tmp_path)
     async with trio.open_nursery() as nursery:
         for x, dx in chunks:
             nursery.start_soon(_expect, eng, x, dx)
-    assert eng._near_stores[0].stuck == 2
+    assert given_up(eng) == 2
     eng.stats.sources.clear()
     with trio.fail_after(0.2):
         assert await eng.get(d, len(dd)) == dd
@@ -516,7 +522,7 @@ async def test_a_hop_cancelled_from_outside_still_sets_its_hung_store_aside(tmp_
                  disk=cached(tmp_path, (d, dd)), threads=1)
     with trio.move_on_after(0.2):       # a reader that went away
         await eng.get(a, len(da))
-    assert eng._near_stores[0].stuck == 1
+    assert given_up(eng) == 1
     with trio.fail_after(0.2):
         assert await eng.get(d, len(dd)) == dd
     await eng.aclose()
@@ -527,7 +533,8 @@ async def test_what_a_given_up_hop_found_is_kept(tmp_path):
     eng = engine([HungLocalStore([(y, dy)])], deadline=0.3, disk=cached(tmp_path, (x, dx)))
     with pytest.raises(ChunkError, match=f"chunk {y.hex()}: /nfs/store gave no answer"):
         await eng.get_many([(x, len(dx)), (y, len(dy))])
-    assert await eng.get(x, len(dx)) == dx     # not remembered as failed
+    assert await eng.get(x, len(dx)) == dx
+    assert x not in eng._failed
     await eng.aclose()
 
 
@@ -539,4 +546,143 @@ async def test_a_hung_local_store_and_a_hung_mirror_cost_one_deadline():
     with pytest.raises(ChunkError, match="not delivered within 1 s"):
         await eng.get(a, len(da))
     assert trio.current_time() - start < 1.3
+    await eng.aclose()
+
+
+class SlowLocalStore(HungLocalStore):
+    """A busy but working NFS directory: each load takes 0.3 s."""
+
+    def load(self, cid):
+        threading.Event().wait(0.3)
+        return (self.chunks[cid], False) if cid in self.chunks else None
+
+
+async def test_a_slow_local_store_is_not_skipped_after_a_reader_goes_away():
+    (a, da), (b, db) = chunk(1), chunk(2)
+    eng = engine([SlowLocalStore([(a, da), (b, db)])], deadline=10.0)
+    got = {}
+
+    async def leaves():
+        with trio.move_on_after(0.05):
+            await eng.get(a, len(da))
+
+    async def joins():                  # the same chunk, loaded again
+        await trio.sleep(0.01)
+        got["a"] = await eng.get(a, len(da))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(leaves)
+        nursery.start_soon(joins)
+    assert got["a"] == da
+    assert await eng.get(b, len(db)) == db
+    await eng.aclose()
+
+
+async def test_a_load_given_up_young_does_not_set_a_busy_store_aside():
+    # Seven readers queue for one thread; the last one's load starts 1.8 s
+    # into its 2 s deadline and is given up 0.2 s old, then c comes.
+    queued, (c, dc) = [chunk(n) for n in range(7)], chunk(9)
+    eng = engine([SlowLocalStore(queued + [(c, dc)])], deadline=2.0, threads=1)
+    got = {}
+
+    async def read(cid, data, after=0.0):
+        await trio.sleep(after)
+        with contextlib.suppress(ChunkError):
+            got[cid] = await eng.get(cid, len(data))
+    async with trio.open_nursery() as nursery:
+        for x, dx in queued:
+            nursery.start_soon(read, x, dx)
+        nursery.start_soon(read, c, dc, 2.05)
+    assert sum(x in got for x, _ in queued) == 6 and got[c] == dc
+
+
+class HungSeed:
+    """A seed file on an NFS server that stopped answering."""
+
+    def __init__(self):
+        self.release = threading.Event()
+
+    def __str__(self):
+        return "/nfs/seed.img"
+
+    def load(self, cid, size, digest):
+        self.release.wait(30)
+
+    def close(self):
+        self.release.set()
+
+
+class HungDiskCache(DiskCache):
+    """A disk cache on an NFS home directory that stopped answering."""
+
+    def __init__(self, path):
+        super().__init__(path, 1 << 20)
+        self.release = threading.Event()
+
+    def present(self, ids):
+        self.release.wait(30)
+        return set()
+
+    def close(self):
+        self.release.set()
+        super().close()
+
+
+@pytest.mark.parametrize("hung", ["seed", "disk cache"])
+async def test_a_hung_seed_or_disk_cache_costs_half_the_deadline_once(hung, tmp_path):
+    chunks = [chunk(n) for n in range(4)]
+    where = {"seeds": [HungSeed()]} if hung == "seed" else \
+        {"disk": HungDiskCache(str(tmp_path))}
+    eng = engine([Store("remote", chunks)], deadline=1.0, threads=1, **where)
+    took = []
+    for x, dx in chunks:
+        start = trio.current_time()
+        assert await eng.get(x, len(dx)) == dx
+        took.append(trio.current_time() - start)
+    assert 0.45 < took[0] < 0.7 and max(took[1:]) < 0.2, took
+    await eng.aclose()
+
+
+async def test_the_limiter_lends_a_token_for_a_hung_thread_until_it_ends():
+    (a, da), = [chunk(1)]
+    hung = HungLocalStore()
+    eng = engine([hung, Store("remote", [(a, da)])], deadline=0.4, threads=1)
+    assert await eng.get(a, len(da)) == da
+    assert eng._nearby_limiter.total_tokens == 2
+    hung.release.set()
+    with trio.fail_after(2):
+        while eng._nearby_limiter.total_tokens > 1 or given_up(eng):
+            await trio.sleep(0.01)
+    assert eng._nearby_limiter.borrowed_tokens == 0
+    await eng.aclose()
+
+
+async def test_a_chunk_refetched_after_a_corrupt_copy_still_fails_within_the_deadline():
+    (a, da), = [chunk(1)]
+    bad = Store("bad", [(a, b"x" * len(da))])
+    stalled = Store("stalled", [(a, da)], lambda cid, n: "stall")
+    eng = engine([HungLocalStore(), bad, stalled], deadline=1.0)
+    start = trio.current_time()
+    with pytest.raises(ChunkError, match="does not match"):
+        await eng.get(a, len(da))
+    assert trio.current_time() - start < 1.2
+    await eng.aclose()
+
+
+class PartlyHungStore(HungLocalStore):
+    """Answers at once that it lacks a chunk, but hangs on ``hangs_on``."""
+
+    def __init__(self, hangs_on):
+        super().__init__()
+        self.hangs_on = hangs_on
+
+    def load(self, cid):
+        if cid == self.hangs_on:
+            self.release.wait(30)
+
+
+async def test_a_hung_local_store_alone_names_the_chunk_it_gave_no_answer_for():
+    (x, dx), (y, dy) = chunk(1), chunk(2)
+    eng = engine([PartlyHungStore(hangs_on=y)], deadline=0.3)
+    with pytest.raises(ChunkError, match=f"chunk {y.hex()}: /nfs/store gave no answer"):
+        await eng.get_many([(x, len(dx)), (y, len(dy))])
     await eng.aclose()
