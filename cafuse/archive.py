@@ -12,6 +12,7 @@ import stat
 from collections import deque
 from typing import Protocol
 
+import cachetools
 import trio
 
 from . import catar
@@ -26,6 +27,7 @@ _NODE_WINDOW = 1024
 _LIST_BATCH = 256
 # As the kernel's limit on symlinks followed in one path walk.
 _MAX_SYMLINKS = 40
+_CHECKED_TABLES = 65536
 
 
 class ByteSource(Protocol):
@@ -43,6 +45,8 @@ class ByteSource(Protocol):
 class Archive:
     def __init__(self, source: ByteSource):
         self.source = source
+        # Directories whose goodbye tables were checked whole (by offset).
+        self._checked = cachetools.LRUCache(_CHECKED_TABLES)
 
     async def root(self) -> catar.Entry:
         """The root directory (the ENTRY at offset 0)."""
@@ -90,6 +94,11 @@ class Archive:
             child = await self.child(item.start, item.size)
             if child.name == name:
                 return child
+        # "No such name" is kept by the kernel for a day: said only of a
+        # table that is whole (the search reads few of its items).
+        if directory.offset not in self._checked:
+            catar.goodbye_places(table, start, directory.offset)
+            self._checked[directory.offset] = True
         return None
 
     async def child(self, start: int, size: int) -> catar.Entry:

@@ -9,6 +9,7 @@ store, or a FUSE mount's cache.
 """
 
 import array
+import bisect
 import stat
 import struct
 import sys
@@ -351,6 +352,10 @@ class Places:
 
     def __len__(self) -> int:
         return len(self._starts)
+
+    def after(self, offset: int) -> int:
+        """The number of the first child starting after ``offset``."""
+        return bisect.bisect_right(self._starts, offset)
 
     def page(self, first: int = 0, count: int | None = None) -> list[tuple[int, int]]:
         """Children ``first`` to ``first + count`` (to the last if None)."""

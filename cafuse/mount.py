@@ -43,6 +43,7 @@ LISTED_ENTRIES = 100_000     # directory entries kept decoded for readdir
 # A directory of more entries is decoded a reply at a time, and only its
 # children's places are kept: 16 bytes each, this many at most.
 PAGED_PLACES = 2_000_000
+PAGE_BATCH = 32              # its children decoded at a time while a reply fills
 READERS = 4096               # sequential-read windows remembered
 ARCHIVE_GAP = 1 << 20        # a tree read this far past the last is still "forward"
 
@@ -267,7 +268,8 @@ class TreeFS(_Base):
         self._parents: dict[int, int] = {}  # node -> its directory's, for listed nodes
         self._dirs = Listings(LISTED_ENTRIES)
         self._paged = Listings(PAGED_PLACES)  # node -> Places, for larger ones
-        self.walk = WalkAhead(self.archive, self._dirs, self._lookups.__contains__,
+        self.walk = WalkAhead(self.archive, self._dirs, self._paged,
+                              self._lookups.__contains__,
                               lambda node, offset, data: self.session.store(node, offset, data))
 
     def handlers(self):
@@ -346,32 +348,44 @@ class TreeFS(_Base):
                     self._dirs[node] = children
                     return self._listing(node, children, offset, out)
                 self._paged[node] = places
-            first = max(offset - 2, 0)  # after "." and ".."
-            page = await self.archive.entries(places.page(first, out.room()))
-        return self._dirents(node, page, offset, out, first)
+            await self._page(node, places, offset, out)
+        return out.payload()
+
+    async def _page(self, node, places, offset, out):
+        """Fill ``out`` from ``offset`` on, decoding the children a few at a
+        time until it is full."""
+        first = max(offset - 2, 0)  # after "." and ".."
+        while first < len(places) and out.room():
+            batch = await self.archive.entries(places.page(first, min(out.room(), PAGE_BATCH)))
+            if not self._add_dirents(node, batch, offset, out, first):
+                return
+            first += len(batch)
+            offset = first + 2
 
     def _listing(self, node, children, offset, out):
-        """``_dirents`` of a whole listing, which a walk may want too."""
+        """The reply from a whole listing, which a walk may want too."""
         if offset == 0 and out.plus:
             self.walk.listed(node, children)
-        return self._dirents(node, children, offset, out)
+        self._add_dirents(node, children, offset, out)
+        return out.payload()
 
-    def _dirents(self, node, children, offset, out, first=0):
+    def _add_dirents(self, node, children, offset, out, first=0) -> bool:
         """Entries from ``offset`` on: "." and ".." (which the kernel does
         not count as lookups), then the children, at offsets 3, 4, ...;
-        ``children`` starts with child number ``first``."""
+        ``children`` starts with child number ``first``.  False once
+        ``out`` is full."""
         dots = self._dots(node)
         for k in range(offset, len(dots)):
             if not out.add(*dots[k], k + 1, TIMEOUT):
-                return out.payload()
+                return False
         for k in range(max(offset - len(dots), first), first + len(children)):
             child = children[k - first]
             if not out.add(child.name, self._entry_attr(child), k + 1 + len(dots), TIMEOUT):
-                break
+                return False
             if out.plus:  # each entry of READDIRPLUS counts as a lookup
                 self._remember(child)
                 self._parents[self.inode_of(child)] = node
-        return out.payload()
+        return True
 
     def _dots(self, node):
         own = self._entry_attr(self._entry(node))

@@ -47,17 +47,19 @@ class WalkAhead:
     """Pushes the files a walk is about to read.
 
     ``listings`` is the file system's cache of decoded directories (node ->
-    children in archive order); ``known(node)`` tells whether the kernel
+    children in archive order), ``paged`` that of the places (``Places``)
+    of directories too large for it; ``known(node)`` tells whether the kernel
     holds a node; ``store(node, offset, data)`` writes into its page cache
     and may block (it runs in a worker thread: the kernel may hold a page
     locked for a READ that only the request loop can answer).
     """
 
-    def __init__(self, archive: Archive, listings, known: Callable[[int], bool],
+    def __init__(self, archive: Archive, listings, paged, known: Callable[[int], bool],
                  store: Callable[[int, int, bytes], bool]):
         self.archive = archive
         self.stream = archive.source
         self.listings = listings
+        self.paged = paged
         self.known = known
         self.store = store
         self.read_end = 0             # where the walk's last read ended
@@ -65,6 +67,7 @@ class WalkAhead:
         self._files: list = []        # heap of (payload offset, seq, entry)
         self._dirs: list = []         # heap of (offset, seq, entry) to list early
         self._queued = set()          # directories whose files were queued
+        self._paging = None           # (Places, next child) of a large one, queued in turn
         self._seq = itertools.count()
         self._wanted = trio.Event()
         self._storing = trio.CapacityLimiter(1)
@@ -94,11 +97,19 @@ class WalkAhead:
             self.position = self._fetched = offset + size
         self._until = trio.current_time() + WALK_SECONDS
         self._advance(offset + size)
-        children = self.listings.get(directory) if directory is not None else None
-        if children is not None and directory not in self._queued:
+        if directory is None or directory in self._queued:
+            return
+        children = self.listings.get(directory)
+        if children is not None:
             start = next((k for k, c in enumerate(children) if c.offset > entry.offset),
                          len(children))
             self._queue(directory, children[start:])
+        elif (places := self.paged.get(directory)) is not None:
+            # Too large to queue at once: its children are decoded as the
+            # queue runs low.
+            self._queued.add(directory)
+            self._paging = (places, places.after(entry.offset))
+            self._wanted.set()
 
     def _advance(self, offset: int) -> None:
         if offset > self.position:
@@ -115,12 +126,18 @@ class WalkAhead:
 
     def _queue(self, directory, children):
         self._queued.add(directory)
+        self._enqueue(children)
+        self._wanted.set()
+
+    def _enqueue(self, children):
         for child in children:
             if child.payload is not None and 0 < child.size <= PUSH_FILE_MAX:
                 heapq.heappush(self._files, (child.payload, next(self._seq), child))
-            elif child.is_dir and node_of(child) not in self.listings:
+            elif child.is_dir and not self._listed(node_of(child)):
                 heapq.heappush(self._dirs, (child.offset, next(self._seq), child))
-        self._wanted.set()
+
+    def _listed(self, node):
+        return node in self.listings or node in self.paged
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -149,7 +166,7 @@ class WalkAhead:
         while True:
             await self._wanted.wait()
             self._wanted = trio.Event()
-            while (self._files or self._dirs) and self.walking():
+            while (self._files or self._dirs or self._paging) and self.walking():
                 try:
                     await self._step()
                 except CafuseError as e:
@@ -161,15 +178,26 @@ class WalkAhead:
                 self._files.clear()
                 self._dirs.clear()
                 self._queued.clear()
+                self._paging = None
 
     async def _step(self):
+        if self._paging is not None and len(self._files) < PUSH_FILES:
+            places, first = self._paging
+            children = await self.archive.entries(places.page(first, PUSH_FILES))
+            first += len(children)
+            self._paging = (places, first) if first < len(places) else None
+            self._enqueue(children)
+            return
         if self._dirs and (not self._files or self._dirs[0][0] < self._files[0][0]):
             # The walk lists this directory next: list it now.
             directory = heapq.heappop(self._dirs)[2]
-            if node_of(directory) not in self.listings:
+            node = node_of(directory)
+            if not self._listed(node):
                 places = await self.archive.places(directory)
-                if len(places) <= self.listings.max_entries:  # else listed a page at a time
-                    self.listings[node_of(directory)] = await self.archive.entries(places.page())
+                if len(places) <= self.listings.max_entries:
+                    self.listings[node] = await self.archive.entries(places.page())
+                else:  # listed a reply at a time
+                    self.paged[node] = places
             return
         batch = self._take()
         if batch:

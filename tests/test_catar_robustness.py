@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from cafuse import FormatError, NotFoundError
 from cafuse.archive import Archive
+from cafuse.siphash import siphash24
 
 from memory import MemorySource
 
@@ -98,3 +99,23 @@ def test_word_mutations(catar_bytes, data):
 @given(st.binary(max_size=600))
 def test_random_bytes(data):
     check(data)
+
+
+def test_a_name_is_not_said_missing_from_a_corrupt_goodbye_table(catar_bytes):
+    # The root's item for a.txt made to point at dir: its search finds dir,
+    # whose name differs, and a.txt would be cached as absent for a day.
+    data = bytearray(catar_bytes)
+    size = int.from_bytes(data[-16:-8], "little")
+    start = len(data) - size
+    items = {int.from_bytes(data[at + 16:at + 24], "little"): at
+             for at in range(start + 16, len(data) - 24, 24)}
+    a_txt, directory = items[siphash24(b"a.txt")], items[siphash24(b"dir")]
+    data[a_txt:a_txt + 16] = data[directory:directory + 16]
+
+    async def look(name):
+        archive = Archive(MemorySource(bytes(data)))
+        return await archive.lookup(await archive.root(), name)
+    assert trio.run(look, b"dir").name == b"dir"
+    for name in (b"a.txt", b"nope"):
+        with pytest.raises(FormatError, match="overlap"):
+            trio.run(look, name)

@@ -91,6 +91,44 @@ def test_directories_larger_than_the_listing_cache_are_decoded_a_page_at_a_time(
     assert len(decoded) < 2 * 1500 * 1.1, len(decoded)
 
 
+def test_a_paged_readdir_decodes_about_what_its_replies_hold(casync_archive, monkeypatch):
+    # Plain READDIR entries are small: a reply holds about 100 of these.
+    monkeypatch.setattr(mount, "LISTED_ENTRIES", 1000)
+    made = casync_archive("twobigdirs")
+
+    async def check():
+        inp, fs = await tree_fs(made)
+        found = await answer(fs.lookup, request(proto.LOOKUP, mount.ROOT, b"a\0"))
+        node = struct.unpack_from("<Q", found)[0]
+        decoded, names, offset = [], [], 0
+        child = fs.archive.child
+
+        async def counting(start, size):
+            decoded.append(start)
+            return await child(start, size)
+        fs.archive.child = counting
+        while page := plain_dirents(await answer(
+                fs.readdir, request(proto.READDIR, node, readdir_body(offset)))):
+            names += [name for name, _ in page]
+            offset = page[-1][1]
+        await inp.aclose()
+        return names, decoded
+
+    names, decoded = trio.run(check)
+    assert names == [b".", b".."] + [b"file%05d" % i for i in range(1500)]
+    assert len(decoded) < 1500 * 1.1, len(decoded)
+
+
+def plain_dirents(payload):
+    """(name, next offset) of each entry of a READDIR reply."""
+    out, pos = [], 0
+    while pos < len(payload):
+        _ino, next_offset, namelen, _type = struct.unpack_from("<QQII", payload, pos)
+        out.append((bytes(payload[pos + 24:pos + 24 + namelen]), next_offset))
+        pos += 24 + ((namelen + 7) & ~7)
+    return out
+
+
 def test_listings_start_with_dot_and_dot_dot_naming_the_directory_and_its_parent(
         casync_archive):
     made = casync_archive("full")

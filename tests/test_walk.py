@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import trio
 
 from cafuse.catar import Entry
-from cafuse.mount import LISTED_ENTRIES, Listings
-from cafuse.walk import (PUSH_FILE_MAX, RUN_GAP, WALK_FILES, WALK_GAP, WalkAhead, _runs,
-                         node_of)
+from cafuse.mount import LISTED_ENTRIES, PAGED_PLACES, Listings
+from cafuse.walk import (PUSH_FILE_MAX, PUSH_FILES, RUN_GAP, WALK_FILES, WALK_GAP, WalkAhead,
+                         _runs, node_of)
 
 from reading import open_made
 
@@ -42,6 +42,7 @@ def start_walk(ahead, gap=0, size=0):
 def test_what_makes_a_walk():
     async def check():
         ahead = WalkAhead(SimpleNamespace(source=None), Listings(LISTED_ENTRIES),
+                          Listings(PAGED_PLACES),
                           lambda node: True, lambda *a: True)
         start_walk(ahead, gap=WALK_GAP + 1, size=10)  # modules here and there: no walk
         assert not ahead.walking()
@@ -54,13 +55,13 @@ def test_what_makes_a_walk():
     trio.run(check)
 
 
-def walk_ahead(made, known=lambda node: True):
+def walk_ahead(made, known=lambda node: True, listed=LISTED_ENTRIES):
     """A WalkAhead over a fixture archive, and the stores it makes."""
     inp = open_made(made)
     archive = inp.archive()
     stored = []
-    listings = Listings(LISTED_ENTRIES)
-    ahead = WalkAhead(archive, listings, known,
+    listings = Listings(listed)
+    ahead = WalkAhead(archive, listings, Listings(PAGED_PLACES), known,
                       lambda node, offset, data: stored.append((node, offset, bytes(data)))
                       or True)
     return archive, ahead, listings, stored
@@ -84,7 +85,7 @@ async def push_root(archive, ahead, listings, first_read: bool):
 async def drained(ahead):
     """Wait until the walk ahead has worked through its queues."""
     with trio.fail_after(30):
-        while ahead._files or ahead._dirs:
+        while ahead._files or ahead._dirs or ahead._paging:
             await trio.sleep(0.01)
 
 
@@ -149,3 +150,30 @@ def test_a_store_outage_costs_the_walk_its_pushes_not_its_life(casync_archive, t
             nursery.cancel_scope.cancel()
         assert stored == [(node_of(sub_children[0]), 0, b"deep\n")]
     trio.run(check)
+
+
+def test_a_walk_through_a_directory_too_large_to_list_whole_gets_its_files(casync_archive):
+    made = casync_archive("twobigdirs")          # a/ and b/, 1500 files each
+    archive, ahead, listings, stored = walk_ahead(made, listed=1000)
+
+    async def check():
+        root = await archive.root()
+        listings[1] = await archive.listdir(root)
+        a = await archive.lookup(root, b"a")
+        children = await archive.listdir(a)
+        ahead.paged[node_of(a)] = await archive.places(a)    # as its listing does
+        for e in children[:WALK_FILES]:                     # tar reads the first files
+            ahead.read(node_of(a), e, e.payload, e.size)
+        queued = []
+        enqueue = ahead._enqueue
+        ahead._enqueue = lambda page: queued.append(len(page)) or enqueue(page)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ahead.run)
+            await drained(ahead)
+            await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        return children, queued
+    children, queued = trio.run(check)
+    pushed = {node: data for node, _offset, data in stored}
+    assert pushed == {node_of(c): b"%d\n" % int(c.name[4:]) for c in children[WALK_FILES:]}
+    assert max(queued) <= PUSH_FILES        # decoded as the queue ran low, not all at once
