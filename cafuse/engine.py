@@ -146,7 +146,7 @@ class ChunkEngine:
         # A place whose given-up call has run this long is skipped.
         self._stuck_after = deadline / 4
         self._disk_place = _Place("the disk cache")
-        self._seed_places = [_Place(f"seed {seed}") for seed in self.seeds]
+        self._seed_places = [_Place(str(seed)) for seed in self.seeds]
         states = [_StoreState(s) for s in stores]
         # Local stores ahead of the first remote one are read in the same
         # worker-thread hop as the disk cache and seeds.
@@ -234,9 +234,7 @@ class ChunkEngine:
         error = None
         try:
             await self._load(wanted, mine, results, priority, on_arrival)
-            if self.disk is not None and self.disk.flush_due():
-                await trio.to_thread.run_sync(self._disk_call, "flush",
-                                              limiter=self._limiter)
+            await self._flush_disk()
         except CafuseError as e:
             error = e
             if isinstance(e, ChunkTimeout):
@@ -281,7 +279,7 @@ class ChunkEngine:
                 on_arrival(wanted[k][0], data)
         if far and gave_up and not self._far_stores:
             # Named: a chunk the hop gave no answer for, not one it had found missing.
-            k = next((k for k, outcome in zip(firsts, nearby) if outcome is None), far[0][0])
+            k = next(k for k, outcome in zip(firsts, nearby) if outcome is None)
             raise ChunkTimeout(f"chunk {wanted[k][0].hex()}: {gave_up}")
         if far:
             await self._load_far(wanted, far, results, priority, on_arrival, until)
@@ -317,22 +315,35 @@ class ChunkEngine:
         if self.disk is None and not self.seeds and not self._near_stores:
             return [(None, None, 0, []) for _ in firsts], None  # a problems list each
         hop = _Hop(len(firsts))
-        trio_token = trio.lowlevel.current_trio_token()
 
         def look():
+            cached = self._near_call(hop, self._disk_place, self._disk_call, "present",
+                                     [wanted[k][0] for k in firsts]) or set()
+            for i, k in enumerate(firsts):
+                outcome = self._nearby(hop, *wanted[k], wanted[k][0] in cached)
+                with self._hop_lock:
+                    if hop.abandoned:
+                        return
+                    hop.found[i] = outcome
+        limit = self.deadline / 2 if self._far_stores else self.deadline
+        problem = await self._in_thread(hop, look, limit)
+        # (Given up between its last answer and its end, it left nothing out.)
+        return hop.found, problem if None in hop.found else None
+
+    async def _in_thread(self, hop, work, limit):
+        """Run ``work()``, which makes its calls into local places with
+        ``_near_call``, in a worker thread for ``hop``, abandoned after
+        ``limit`` seconds or when cancelled from outside.  None once it has
+        finished; else what to say of what it had not done."""
+        trio_token = trio.lowlevel.current_trio_token()
+
+        def run():
             with self._hop_lock:
                 hop.started = True
             try:
-                cached = self._near_call(hop, self._disk_place, self._disk_call, "present",
-                                         [wanted[k][0] for k in firsts]) or set()
-                for i, k in enumerate(firsts):
-                    outcome = self._nearby(hop, *wanted[k], wanted[k][0] in cached)
-                    with self._hop_lock:
-                        if hop.abandoned:
-                            return
-                        hop.found[i] = outcome
+                work()
             except _Abandoned:
-                return
+                pass
             finally:
                 with self._hop_lock:
                     hop.finished = True
@@ -340,28 +351,30 @@ class ChunkEngine:
                 if lent:
                     with contextlib.suppress(trio.RunFinishedError):
                         trio_token.run_sync_soon(self._take_back_token)
-        limit = self.deadline / 2 if self._far_stores else self.deadline
         try:
             with trio.move_on_after(limit):
-                await trio.to_thread.run_sync(look, limiter=self._nearby_limiter,
+                await trio.to_thread.run_sync(run, limiter=self._nearby_limiter,
                                               abandon_on_cancel=True)
-                return hop.found, None
+                return None
         except BaseException:  # cancelled from outside: its thread is left too
             self._abandon(hop, limit)
             raise
-        return hop.found, self._abandon(hop, limit)
+        return self._abandon(hop, limit)
 
     def _abandon(self, hop, limit):
-        """Give up on ``hop``; what to say of the chunks it had not found.
-        The call it is in is counted against its place, and while its
-        thread runs on (holding its token) the limiter has one more."""
+        """Give up on ``hop`` (None if its thread has just finished after
+        all); what to say of what it had not done.  The call it is in is
+        counted against its place, and while its thread runs on (holding
+        its token) the limiter has one more."""
         with self._hop_lock:
+            if hop.finished:
+                return None
             hop.abandoned = True
             within = hop.within
             if within is not None:
                 place, began = within
                 place.given_up[hop] = began
-            hop.lent = hop.started and not hop.finished
+            hop.lent = hop.started
         if hop.lent:
             self._nearby_limiter.total_tokens += 1
         if within is not None:
@@ -450,9 +463,10 @@ class ChunkEngine:
             arrived_in.send_nowait((k, problems, position, found))
 
         async def again(k, problems, position, error):
-            results[k] = await self._far_again(wanted[k], problems, position, error,
-                                               priority[wanted[k][0]], until)
+            results[k], position = await self._far_again(
+                wanted[k], problems, position, error, priority[wanted[k][0]], until)
             on_arrival(wanted[k][0], results[k])
+            await self._put_disk([(wanted[k][0], results[k], position)], until)
 
         async def decode_arrivals(nursery):
             left = len(far)
@@ -468,6 +482,7 @@ class ChunkEngine:
                     lambda: [self._decode(wanted[k], position, found)
                              for k, _problems, position, found in group],
                     limiter=self._limiter)
+                delivered = []
                 for (k, problems, position, found), outcome in zip(group, outcomes):
                     if isinstance(outcome, ChunkError):  # not to hold up the others
                         nursery.start_soon(again, k, problems, position, outcome)
@@ -475,6 +490,8 @@ class ChunkEngine:
                     self._account(str(self._far_stores[position].store), len(found[0]))
                     results[k] = outcome
                     on_arrival(wanted[k][0], outcome)
+                    delivered.append((wanted[k][0], outcome, position))
+                await self._put_disk(delivered, until)
 
         with single_errors():
             async with trio.open_nursery() as nursery:
@@ -484,7 +501,7 @@ class ChunkEngine:
 
     async def _far_again(self, want, problems, position, error, priority, until):
         """After ``error`` from the store at ``position``: the next stores,
-        one at a time, until ``until``."""
+        one at a time, until ``until``; the chunk and the store's position."""
         while True:
             store = self._far_stores[position].store
             problems.append(f"{error} ({store})")
@@ -495,7 +512,7 @@ class ChunkEngine:
                                                     limiter=self._limiter)
             if not isinstance(outcome, ChunkError):
                 self._account(str(self._far_stores[position].store), len(found[0]))
-                return outcome
+                return outcome, position
             error = outcome
 
     async def _fetch_with_deadline(self, chunk_id, problems, start, priority, until):
@@ -549,15 +566,34 @@ class ChunkEngine:
         not lose the others."""
         chunk_id, size = want
         try:
-            data = chunk.decode(*found, chunk_id, size, self.digest)
+            return chunk.decode(*found, chunk_id, size, self.digest)
         except ChunkError as e:
             return e
-        if not self._far_stores[position].store.blocking:  # local ones are close enough
-            self._put_disk(chunk_id, data)
-        return data
 
-    def _put_disk(self, chunk_id, data):
-        self._disk_call("put", chunk_id, data)
+    async def _put_disk(self, chunks, until):
+        """Keep chunks (``(id, data, store position)``) from remote stores
+        in the disk cache (local ones are close enough)."""
+        remote = [(cid, data) for cid, data, position in chunks
+                  if not self._far_stores[position].store.blocking]
+        if remote:
+            await self._write_disk("put", remote, until)
+
+    async def _flush_disk(self):
+        if self.disk is not None and self.disk.flush_due():
+            await self._write_disk("flush", [()], trio.current_time() + self.deadline)
+
+    async def _write_disk(self, method, calls, until):
+        """Disk cache writes (``method`` with each of ``calls``' arguments)
+        in a worker thread abandoned at ``until``: like a read, a write to
+        a cache on a hung NFS server must not hold the reader for ever."""
+        if self.disk is None or self._stuck(self._disk_place):
+            return
+        hop = _Hop(0)
+
+        def write():
+            for args in calls:
+                self._near_call(hop, self._disk_place, self._disk_call, method, *args)
+        await self._in_thread(hop, write, until - trio.current_time())
 
     def _disk_call(self, method, *args):
         """A disk cache call (in a worker thread); a failure is a miss, or
@@ -625,14 +661,12 @@ class ChunkEngine:
         slow fetches hang keeps what it had fetched."""
         while True:
             await trio.sleep(0.25)
-            if self.disk is not None and self.disk.flush_due():
-                await trio.to_thread.run_sync(self._disk_call, "flush",
-                                              limiter=self._limiter)
+            await self._flush_disk()
 
     async def aclose(self) -> None:
         for state in self._near_stores + self._far_stores:
             await state.store.aclose()
         for seed in self.seeds:
             seed.close()
-        if self.disk is not None:
-            self.disk.close()
+        if self.disk is not None and not self._disk_place.given_up:
+            await self._write_disk("close", [()], trio.current_time() + self.deadline)

@@ -33,10 +33,10 @@ class Seed:
         where = self._where.get(chunk_id)
         if where is None or where[1] != size or digest != self.digest:
             return None
-        data = os.pread(self._fd, size, where[0])
         try:
+            data = os.pread(self._fd, size, where[0])
             return chunk.decode(data, False, chunk_id, size, digest)
-        except ChunkError:
+        except (OSError, ChunkError):  # a seed is only a hint: the stores have it
             return None
 
     def close(self) -> None:

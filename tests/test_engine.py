@@ -5,8 +5,10 @@ one load of a chunk serves every reader waiting for it."""
 import contextlib
 import hashlib
 import math
+import os
 import socket
 import threading
+import time
 
 import pytest
 import trio
@@ -15,8 +17,12 @@ from cafuse.diskcache import DiskCache, DiskFull
 from cafuse.engine import DISK_FAILURES, FAILURE_MEMORY, ChunkEngine
 from cafuse.errors import CafuseError, ChunkError
 from cafuse.http import HTTPError
+from cafuse.index import Index
+from cafuse.seed import Seed
 from cafuse.slots import Priority, Slots
 from cafuse.store import HTTPOptions, HTTPStore, LocalStore, chunk_path
+
+from memory import build_index
 
 
 def chunk(n: int, size: int = 1000) -> tuple[bytes, bytes]:
@@ -612,15 +618,24 @@ class HungSeed:
 
 
 class HungDiskCache(DiskCache):
-    """A disk cache on an NFS home directory that stopped answering."""
+    """A disk cache on an NFS home directory that stopped answering: its
+    calls hang holding its lock, as its file reads and writes would."""
 
-    def __init__(self, path):
+    def __init__(self, path, hangs_in="present"):
         super().__init__(path, 1 << 20)
         self.release = threading.Event()
+        self.hangs_in = hangs_in
 
     def present(self, ids):
-        self.release.wait(30)
-        return set()
+        return self._maybe_hang("present") or set()
+
+    def put(self, cid, data):
+        self._maybe_hang("put")
+
+    def _maybe_hang(self, call):
+        if call == self.hangs_in:
+            with self._lock:
+                self.release.wait(30)
 
     def close(self):
         self.release.set()
@@ -686,3 +701,69 @@ async def test_a_hung_local_store_alone_names_the_chunk_it_gave_no_answer_for():
     with pytest.raises(ChunkError, match=f"chunk {y.hex()}: /nfs/store gave no answer"):
         await eng.get_many([(x, len(dx)), (y, len(dy))])
     await eng.aclose()
+
+
+async def test_a_disk_cache_that_hangs_in_a_write_costs_one_deadline_once(tmp_path):
+    chunks = [chunk(n) for n in range(4)]
+    disk = HungDiskCache(str(tmp_path), hangs_in="put")
+    eng = engine([Store("remote", chunks)], deadline=1.0, disk=disk, threads=1)
+    took = []
+    for x, dx in chunks:
+        start = trio.current_time()
+        assert await eng.get(x, len(dx)) == dx
+        took.append(trio.current_time() - start)
+    assert took[0] < 1.2 and max(took[1:]) < 0.2, took
+    start = trio.current_time()
+    await eng.aclose()                    # does not wait for the hung cache
+    assert trio.current_time() - start < 0.2
+
+
+async def test_readers_sharing_a_load_get_its_chunk_before_its_disk_write(tmp_path):
+    (a, da), = [chunk(1)]
+    disk = HungDiskCache(str(tmp_path), hangs_in="put")
+    eng = engine([Store("remote", [(a, da)], delay=0.05)], deadline=1.0, disk=disk)
+    got = {}
+
+    async def joiner():
+        await trio.sleep(0.01)
+        start = trio.current_time()
+        assert await eng.get(a, len(da)) == da
+        got["after"] = trio.current_time() - start
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_expect, eng, a, da)
+        nursery.start_soon(joiner)
+    assert got["after"] < 0.3
+    await eng.aclose()
+
+
+class MissingSoon(HungLocalStore):
+    def load(self, cid):
+        threading.Event().wait(0.05)
+
+
+async def test_a_hop_that_ended_while_the_event_loop_was_busy_keeps_its_answers():
+    (x, dx), = [chunk(1)]
+    eng = engine([MissingSoon()], deadline=0.3)
+
+    async def busy():
+        await trio.sleep(0.01)
+        time.sleep(0.4)                 # past the hop's time, after its answer
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(busy)
+        with pytest.raises(ChunkError, match="missing from /nfs/store"):
+            await eng.get(x, len(dx))
+    assert x not in eng._failed
+    await eng.aclose()
+
+
+def test_a_seed_that_cannot_be_read_is_a_miss(tmp_path):
+    (a, da), = [chunk(1)]
+    image = tmp_path / "v1.img"
+    image.write_bytes(da)
+    index = Index.parse(build_index([da], feature_flags=0))
+    seed = Seed(index, str(image))
+    assert seed.load(a, len(da), "sha256") == da
+    os.close(seed._fd)
+    seed._fd = os.open(tmp_path, os.O_RDONLY)      # reads fail (EISDIR)
+    assert seed.load(a, len(da), "sha256") is None
+    seed.close()
