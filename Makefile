@@ -7,6 +7,8 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 APT_PACKAGES := fuse3 casync nginx-light e2fsprogs \
 	squashfs-tools erofs-utils acl attr libcap2-bin busybox-static xxd openssl
+# Only the benchmarks need these (a root file system to mount, GNU time).
+BENCH_PACKAGES := debootstrap time
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-packages test demo bench clean
@@ -38,6 +40,7 @@ test: setup
 demo: setup
 	sh demo/demo.sh
 
+bench: APT_PACKAGES += $(BENCH_PACKAGES)
 bench: setup
 	$(VENV)/bin/python integration/bench_cat.py $(BENCH_ARGS)
 	$(VENV)/bin/python integration/bench_prefetch.py $(BENCH_ARGS)
