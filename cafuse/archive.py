@@ -28,6 +28,7 @@ _LIST_BATCH = 256
 # As the kernel's limit on symlinks followed in one path walk.
 _MAX_SYMLINKS = 40
 _CHECKED_TABLES = 65536
+_BIG_TABLE = 10_000 * catar.GOODBYE_ITEM   # goodbye tables sorted in a worker thread
 
 
 class ByteSource(Protocol):
@@ -71,7 +72,15 @@ class Archive:
     async def places(self, directory: catar.Entry) -> catar.Places:
         """Where the children of ``directory`` lie, in archive (strcmp) order."""
         start, table = await self._goodbye(directory)
-        return catar.goodbye_places(table, start, directory.offset)
+        places = await self._places(table, start, directory.offset)
+        self._checked[directory.offset] = True
+        return places
+
+    async def _places(self, table, start, dir_offset):
+        # A million items take half a second: not in the event loop.
+        if len(table) < _BIG_TABLE:
+            return catar.goodbye_places(table, start, dir_offset)
+        return await trio.to_thread.run_sync(catar.goodbye_places, table, start, dir_offset)
 
     async def entries(self, places: list[tuple[int, int]]) -> list[catar.Entry]:
         """The children at these ``(start, size)`` places, decoded."""
@@ -95,9 +104,10 @@ class Archive:
             if child.name == name:
                 return child
         # "No such name" is kept by the kernel for a day: said only of a
-        # table that is whole (the search reads few of its items).
+        # table whose items all lie where they should (the search reads
+        # few of them).
         if directory.offset not in self._checked:
-            catar.goodbye_places(table, start, directory.offset)
+            await self._places(table, start, directory.offset)
             self._checked[directory.offset] = True
         return None
 

@@ -352,7 +352,7 @@ class ChunkEngine:
                     with contextlib.suppress(trio.RunFinishedError):
                         trio_token.run_sync_soon(self._take_back_token)
         try:
-            with trio.move_on_after(limit):
+            with trio.move_on_after(max(limit, 0)):
                 await trio.to_thread.run_sync(run, limiter=self._nearby_limiter,
                                               abandon_on_cancel=True)
                 return None
@@ -466,7 +466,7 @@ class ChunkEngine:
             results[k], position = await self._far_again(
                 wanted[k], problems, position, error, priority[wanted[k][0]], until)
             on_arrival(wanted[k][0], results[k])
-            await self._put_disk([(wanted[k][0], results[k], position)], until)
+            await self._put_disk([(wanted[k][0], results[k], position)])
 
         async def decode_arrivals(nursery):
             left = len(far)
@@ -491,7 +491,7 @@ class ChunkEngine:
                     results[k] = outcome
                     on_arrival(wanted[k][0], outcome)
                     delivered.append((wanted[k][0], outcome, position))
-                await self._put_disk(delivered, until)
+                await self._put_disk(delivered)
 
         with single_errors():
             async with trio.open_nursery() as nursery:
@@ -570,22 +570,25 @@ class ChunkEngine:
         except ChunkError as e:
             return e
 
-    async def _put_disk(self, chunks, until):
+    async def _put_disk(self, chunks):
         """Keep chunks (``(id, data, store position)``) from remote stores
-        in the disk cache (local ones are close enough)."""
+        in the disk cache (local ones are close enough), even when the load
+        they came with is cancelled meanwhile."""
         remote = [(cid, data) for cid, data, position in chunks
                   if not self._far_stores[position].store.blocking]
         if remote:
-            await self._write_disk("put", remote, until)
+            with trio.CancelScope(shield=True):
+                await self._write_disk("put", remote)
 
     async def _flush_disk(self):
         if self.disk is not None and self.disk.flush_due():
-            await self._write_disk("flush", [()], trio.current_time() + self.deadline)
+            await self._write_disk("flush", [()])
 
-    async def _write_disk(self, method, calls, until):
+    async def _write_disk(self, method, calls):
         """Disk cache writes (``method`` with each of ``calls``' arguments)
-        in a worker thread abandoned at ``until``: like a read, a write to
-        a cache on a hung NFS server must not hold the reader for ever."""
+        in a worker thread, abandoned after a quarter of the deadline: like
+        a read, a write to a cache on a hung NFS server must not hold its
+        reader for ever, and once abandoned the cache counts as stuck."""
         if self.disk is None or self._stuck(self._disk_place):
             return
         hop = _Hop(0)
@@ -593,7 +596,7 @@ class ChunkEngine:
         def write():
             for args in calls:
                 self._near_call(hop, self._disk_place, self._disk_call, method, *args)
-        await self._in_thread(hop, write, until - trio.current_time())
+        await self._in_thread(hop, write, self._stuck_after)
 
     def _disk_call(self, method, *args):
         """A disk cache call (in a worker thread); a failure is a miss, or
@@ -668,5 +671,4 @@ class ChunkEngine:
             await state.store.aclose()
         for seed in self.seeds:
             seed.close()
-        if self.disk is not None and not self._disk_place.given_up:
-            await self._write_disk("close", [()], trio.current_time() + self.deadline)
+        await self._write_disk("close", [()])

@@ -354,26 +354,30 @@ class TreeFS(_Base):
     async def _page(self, node, places, offset, out):
         """Fill ``out`` from ``offset`` on, decoding the children a few at a
         time until it is full."""
-        first = max(offset - 2, 0)  # after "." and ".."
+        first, sent = max(offset - 2, 0), []  # after "." and ".."
         while first < len(places) and out.room():
             batch = await self.archive.entries(places.page(first, min(out.room(), PAGE_BATCH)))
-            if not self._add_dirents(node, batch, offset, out, first):
-                return
+            full = not self._add_dirents(node, batch, offset, out, sent, first)
             first += len(batch)
             offset = first + 2
+            if full:
+                break
+        self._sent(node, sent, out)  # only now: a batch may still have failed
 
     def _listing(self, node, children, offset, out):
         """The reply from a whole listing, which a walk may want too."""
         if offset == 0 and out.plus:
             self.walk.listed(node, children)
-        self._add_dirents(node, children, offset, out)
+        sent = []
+        self._add_dirents(node, children, offset, out, sent)
+        self._sent(node, sent, out)
         return out.payload()
 
-    def _add_dirents(self, node, children, offset, out, first=0) -> bool:
+    def _add_dirents(self, node, children, offset, out, sent, first=0) -> bool:
         """Entries from ``offset`` on: "." and ".." (which the kernel does
-        not count as lookups), then the children, at offsets 3, 4, ...;
-        ``children`` starts with child number ``first``.  False once
-        ``out`` is full."""
+        not count as lookups), then the children, at offsets 3, 4, ...,
+        each also appended to ``sent``; ``children`` starts with child
+        number ``first``.  False once ``out`` is full."""
         dots = self._dots(node)
         for k in range(offset, len(dots)):
             if not out.add(*dots[k], k + 1, TIMEOUT):
@@ -382,10 +386,15 @@ class TreeFS(_Base):
             child = children[k - first]
             if not out.add(child.name, self._entry_attr(child), k + 1 + len(dots), TIMEOUT):
                 return False
-            if out.plus:  # each entry of READDIRPLUS counts as a lookup
+            sent.append(child)
+        return True
+
+    def _sent(self, node, children, out):
+        """Each entry of a READDIRPLUS reply counts as a lookup."""
+        if out.plus:
+            for child in children:
                 self._remember(child)
                 self._parents[self.inode_of(child)] = node
-        return True
 
     def _dots(self, node):
         own = self._entry_attr(self._entry(node))

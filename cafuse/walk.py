@@ -115,6 +115,8 @@ class WalkAhead:
         if offset > self.position:
             self.position = offset
             self._moved.set()
+            if self._paging is not None:
+                self._wanted.set()
 
     def listed(self, directory: int, children: list[Entry]) -> None:
         """The kernel just asked for the start of a directory's listing."""
@@ -166,7 +168,7 @@ class WalkAhead:
         while True:
             await self._wanted.wait()
             self._wanted = trio.Event()
-            while (self._files or self._dirs or self._paging) and self.walking():
+            while (self._files or self._dirs or self._page_due()) and self.walking():
                 try:
                     await self._step()
                 except CafuseError as e:
@@ -174,19 +176,27 @@ class WalkAhead:
                 except Exception as e:  # only an optimisation: never the mount's end
                     log.error("running ahead of a walk failed: %r", e)
                     self._until = 0.0
+                await trio.lowlevel.checkpoint()
             if not self.walking():
                 self._files.clear()
                 self._dirs.clear()
                 self._queued.clear()
                 self._paging = None
 
+    def _page_due(self) -> bool:
+        """Whether the next children of a large directory are to be queued:
+        the queues run low, and they lie within the stream-ahead."""
+        if self._paging is None or len(self._files) + len(self._dirs) >= PUSH_FILES:
+            return False
+        places, first = self._paging
+        return places.page(first, 1)[0][0] < self.position + STREAM_AHEAD
+
     async def _step(self):
-        if self._paging is not None and len(self._files) < PUSH_FILES:
+        if self._page_due():
             places, first = self._paging
-            children = await self.archive.entries(places.page(first, PUSH_FILES))
-            first += len(children)
-            self._paging = (places, first) if first < len(places) else None
-            self._enqueue(children)
+            end = min(first + PUSH_FILES, len(places))
+            self._paging = (places, end) if end < len(places) else None  # even if it fails
+            self._enqueue(await self.archive.entries(places.page(first, end - first)))
             return
         if self._dirs and (not self._files or self._dirs[0][0] < self._files[0][0]):
             # The walk lists this directory next: list it now.

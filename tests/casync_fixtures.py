@@ -49,6 +49,7 @@ _BUILDERS = {
     "names": (trees.build_names_tree, None),
     "bigdir": (trees.build_bigdir_tree, None),
     "twobigdirs": (lambda p: trees.build_bigdir_tree(p, 1500, ("a", "b")), None),
+    "manydirs": (trees.build_manydirs_tree, None),
     "sparse": (trees.build_sparse_tree, "sparse"),
     "blob1m": (lambda p: trees.build_blob(p, 1 << 20), None),
     "blob5m": (lambda p: trees.build_blob(p, 5 << 20, "five"), None),

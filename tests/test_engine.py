@@ -767,3 +767,62 @@ def test_a_seed_that_cannot_be_read_is_a_miss(tmp_path):
     seed._fd = os.open(tmp_path, os.O_RDONLY)      # reads fail (EISDIR)
     assert seed.load(a, len(da), "sha256") is None
     seed.close()
+
+
+def slow_decode(eng, seconds):
+    decode = eng._decode
+
+    def slow(*args):
+        time.sleep(seconds)
+        return decode(*args)
+    eng._decode = slow
+
+
+async def test_a_chunk_decoded_after_its_deadline_is_still_served_and_cached(tmp_path):
+    (a, da), = [chunk(1)]
+    eng = engine([Store("remote", [(a, da)], delay=0.45)], deadline=0.5,
+                 disk=DiskCache(str(tmp_path), 1 << 20))
+    slow_decode(eng, 0.1)                     # arrived at 0.45 s, decoded at 0.55 s
+    assert await eng.get(a, len(da)) == da
+    await eng.aclose()
+    assert a in cached(tmp_path).present([a])
+
+
+class SlowPutCache(DiskCache):
+    """A working disk cache on a slow disk."""
+
+    def put(self, cid, data):
+        super().put(cid, data)
+        time.sleep(0.1)
+
+
+async def test_chunks_put_while_their_reader_went_away_are_committed_at_close(tmp_path):
+    chunks = [chunk(n) for n in range(4)]
+    eng = engine([Store("remote", chunks)], disk=SlowPutCache(str(tmp_path), 1 << 20))
+    with trio.move_on_after(0.15):            # Ctrl-C in the middle of the puts
+        await eng.get_many([_want(c) for c in chunks])
+    await eng.aclose()
+    assert cached(tmp_path).present([cid for cid, _ in chunks]) == {cid for cid, _ in chunks}
+
+
+class LateRefusal(Store):
+    """Serves its chunks, but refuses ``refused`` a moment later."""
+
+    def __init__(self, chunks, refused):
+        super().__init__("remote", chunks)
+        self.refused = refused
+
+    async def fetch(self, cid, priority=None):
+        if cid == self.refused:
+            await trio.sleep(0.08)
+            raise HTTPError("HTTP 403", retryable=False)
+        return await super().fetch(cid, priority)
+
+
+async def test_chunks_that_arrived_are_cached_when_their_load_fails(tmp_path):
+    good, (bad, dbad) = [chunk(n) for n in range(3)], chunk(9)
+    eng = engine([LateRefusal(good, bad)], disk=SlowPutCache(str(tmp_path), 1 << 20))
+    with pytest.raises(ChunkError, match="403"):
+        await eng.get_many([_want(c) for c in good] + [(bad, len(dbad))], remember=False)
+    await eng.aclose()
+    assert cached(tmp_path).present([cid for cid, _ in good]) == {cid for cid, _ in good}

@@ -1,6 +1,7 @@
 """The file systems' FUSE handlers (mount.py), called directly with
 requests as the kernel sends them: no FUSE mount needed."""
 
+import errno
 import os
 import struct
 
@@ -8,6 +9,8 @@ import trio
 
 from cafuse import daemon, mount
 from cafuse import fuseproto as proto
+from cafuse.errors import ChunkError
+from cafuse.fusesession import FuseError
 from cafuse.inputs import Options, open_input
 
 _ENTRY = 40 + 88  # fuse_entry_out: its header and fuse_attr
@@ -51,6 +54,23 @@ async def tree_fs(made):
     return inp, await daemon.build_fs(inp)
 
 
+async def looked_up(fs, name):
+    """The node id of the root's child ``name``, as LOOKUP answers it."""
+    found = await answer(fs.lookup, request(proto.LOOKUP, mount.ROOT, name + b"\0"))
+    return struct.unpack_from("<Q", found)[0]
+
+
+def counted_decodes(fs):
+    """A list that gets the start of each child ``fs`` decodes from now on."""
+    decoded, child = [], fs.archive.child
+
+    async def counting(start, size):
+        decoded.append(start)
+        return await child(start, size)
+    fs.archive.child = counting
+    return decoded
+
+
 def test_directories_larger_than_the_listing_cache_are_decoded_a_page_at_a_time(
         casync_archive, monkeypatch):
     # Two of them listed by turns: when a larger one was kept whole, alone,
@@ -61,17 +81,10 @@ def test_directories_larger_than_the_listing_cache_are_decoded_a_page_at_a_time(
 
     async def check():
         inp, fs = await tree_fs(made)
-        decoded = []
-        child = fs.archive.child
-
-        async def counting(start, size):
-            decoded.append(start)
-            return await child(start, size)
-        fs.archive.child = counting
+        decoded = counted_decodes(fs)
         offsets, names = {}, {}
         for name in (b"a", b"b"):
-            found = await answer(fs.lookup, request(proto.LOOKUP, mount.ROOT, name + b"\0"))
-            node = struct.unpack_from("<Q", found)[0]
+            node = await looked_up(fs, name)
             offsets[node], names[node] = 0, []
         while offsets:
             for node in list(offsets):
@@ -98,15 +111,8 @@ def test_a_paged_readdir_decodes_about_what_its_replies_hold(casync_archive, mon
 
     async def check():
         inp, fs = await tree_fs(made)
-        found = await answer(fs.lookup, request(proto.LOOKUP, mount.ROOT, b"a\0"))
-        node = struct.unpack_from("<Q", found)[0]
-        decoded, names, offset = [], [], 0
-        child = fs.archive.child
-
-        async def counting(start, size):
-            decoded.append(start)
-            return await child(start, size)
-        fs.archive.child = counting
+        node = await looked_up(fs, b"a")
+        decoded, names, offset = counted_decodes(fs), [], 0
         while page := plain_dirents(await answer(
                 fs.readdir, request(proto.READDIR, node, readdir_body(offset)))):
             names += [name for name, _ in page]
@@ -117,6 +123,33 @@ def test_a_paged_readdir_decodes_about_what_its_replies_hold(casync_archive, mon
     names, decoded = trio.run(check)
     assert names == [b".", b".."] + [b"file%05d" % i for i in range(1500)]
     assert len(decoded) < 1500 * 1.1, len(decoded)
+
+
+def test_a_paged_reply_that_fails_counts_no_lookups(casync_archive, monkeypatch):
+    monkeypatch.setattr(mount, "LISTED_ENTRIES", 1000)
+    made = casync_archive("twobigdirs")
+
+    async def check():
+        inp, fs = await tree_fs(made)
+        node = await looked_up(fs, b"a")
+        entries, calls = fs.archive.entries, []
+
+        async def failing_third(places):
+            calls.append(1)
+            if len(calls) == 3:
+                raise ChunkError("chunk 00: missing from every store")
+            return await entries(places)
+        fs.archive.entries = failing_third
+        held = set(fs._lookups)
+        try:
+            await answer(fs.readdir, request(proto.READDIRPLUS, node,
+                                             readdir_body(0, size=65536)))
+        except FuseError as e:
+            failed = e.errno
+        await inp.aclose()
+        return failed, set(fs._lookups) - held
+    failed, counted = trio.run(check)
+    assert failed == errno.EIO and counted == set()
 
 
 def plain_dirents(payload):

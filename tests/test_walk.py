@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import trio
 
 from cafuse.catar import Entry
+from cafuse.errors import CafuseError
 from cafuse.mount import LISTED_ENTRIES, PAGED_PLACES, Listings
 from cafuse.walk import (PUSH_FILE_MAX, PUSH_FILES, RUN_GAP, WALK_FILES, WALK_GAP, WalkAhead,
                          _runs, node_of)
@@ -74,12 +75,17 @@ async def push_root(archive, ahead, listings, first_read: bool):
     if first_read:
         start_walk(ahead)
     ahead.listed(1, children)
+    await run_ahead(ahead)
+    return children
+
+
+async def run_ahead(ahead):
+    """Run the walk ahead until it has worked through its queues."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ahead.run)
         await drained(ahead)
         await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
-    return children
 
 
 async def drained(ahead):
@@ -152,28 +158,74 @@ def test_a_store_outage_costs_the_walk_its_pushes_not_its_life(casync_archive, t
     trio.run(check)
 
 
+async def walk_into(archive, ahead, listings, name):
+    """The walk reads the first files of the large directory ``name`` of
+    the root, which the kernel has listed a reply at a time; returns it."""
+    root = await archive.root()
+    listings[1] = await archive.listdir(root)
+    directory = await archive.lookup(root, name)
+    ahead.paged[node_of(directory)] = places = await archive.places(directory)
+    for e in await archive.entries(places.page(0, WALK_FILES)):
+        ahead.read(node_of(directory), e, e.payload, e.size)
+    return directory
+
+
 def test_a_walk_through_a_directory_too_large_to_list_whole_gets_its_files(casync_archive):
     made = casync_archive("twobigdirs")          # a/ and b/, 1500 files each
     archive, ahead, listings, stored = walk_ahead(made, listed=1000)
 
     async def check():
-        root = await archive.root()
-        listings[1] = await archive.listdir(root)
-        a = await archive.lookup(root, b"a")
-        children = await archive.listdir(a)
-        ahead.paged[node_of(a)] = await archive.places(a)    # as its listing does
-        for e in children[:WALK_FILES]:                     # tar reads the first files
-            ahead.read(node_of(a), e, e.payload, e.size)
+        children = await archive.listdir(await walk_into(archive, ahead, listings, b"a"))
         queued = []
         enqueue = ahead._enqueue
         ahead._enqueue = lambda page: queued.append(len(page)) or enqueue(page)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ahead.run)
-            await drained(ahead)
-            await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
+        await run_ahead(ahead)
         return children, queued
     children, queued = trio.run(check)
     pushed = {node: data for node, _offset, data in stored}
     assert pushed == {node_of(c): b"%d\n" % int(c.name[4:]) for c in children[WALK_FILES:]}
     assert max(queued) <= PUSH_FILES        # decoded as the queue ran low, not all at once
+
+
+def test_a_large_directory_of_subdirectories_is_paged_as_they_are_listed(casync_archive):
+    made = casync_archive("manydirs")            # d/ with 1100 subdirectories
+    archive, ahead, listings, stored = walk_ahead(made, listed=1000)
+
+    async def check():
+        root = await archive.root()
+        listings[1] = await archive.listdir(root)
+        d = await archive.lookup(root, b"d")
+        ahead.paged[node_of(d)] = places = await archive.places(d)
+        read = []
+        for first in range(WALK_FILES):               # tar reads s00000/f ... s00003/f
+            sub = (await archive.entries(places.page(first, 1)))[0]
+            read.append(sub)
+            f = await archive.lookup(sub, b"f")
+            ahead.read(node_of(d), f, f.payload, f.size)
+        waiting = []
+        enqueue = ahead._enqueue
+        ahead._enqueue = lambda page: enqueue(page) or waiting.append(len(ahead._dirs))
+        await run_ahead(ahead)
+        return waiting, await archive.listdir(d)
+    waiting, subdirs = trio.run(check)
+    assert max(waiting) <= 2 * PUSH_FILES      # listed as they come, not all queued
+    # All were listed ahead; the 1000-entry cache still holds the latest.
+    assert all(node_of(sub) in listings for sub in subdirs[-900:])
+
+
+def test_a_page_that_fails_is_skipped_not_retried(casync_archive):
+    made = casync_archive("twobigdirs")
+    archive, ahead, listings, stored = walk_ahead(made, listed=1000)
+
+    async def check():
+        await walk_into(archive, ahead, listings, b"a")
+        calls = []
+
+        async def failing(page):
+            calls.append(page[0])
+            raise CafuseError("a chunk of these records is missing")
+        archive.entries = failing
+        await run_ahead(ahead)
+        return calls
+    calls = trio.run(check)
+    assert len(calls) == len(set(calls)) > 1     # each page tried once, the walk went on

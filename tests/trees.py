@@ -172,6 +172,16 @@ def build_bigdir_tree(root: Path, n: int = 10_000, names=("big",)) -> Path:
     return root
 
 
+@_umask_022
+def build_manydirs_tree(root: Path, n: int = 1100) -> Path:
+    """``d/`` with ``n`` subdirectories, one small file in each."""
+    for i in range(n):
+        (root / "d" / f"s{i:05d}").mkdir(parents=True)
+        (root / "d" / f"s{i:05d}" / "f").write_bytes(b"%d\n" % i)
+    _times(root)
+    return root
+
+
 SPARSE_SIZE = 2 << 30
 SPARSE_MARKS = {0: b"start", (1 << 30) + 7: b"middle", SPARSE_SIZE - 1: b"!"}
 
