@@ -1,9 +1,13 @@
 """HTTP client faults found in review: stale keep-alive connections,
-bytes after a response, a timeout that counted the wait for a connection."""
+bytes after a response, a timeout that counted the wait for a connection,
+sockets left open by failed TLS handshakes."""
+import contextlib
+import os
+
 import trio
 import trio.testing
 
-from cafuse.http import Client
+from cafuse.http import Client, HTTPError
 from cafuse.slots import Priority
 from cafuse.store import HTTPOptions, fetch_with_retries
 
@@ -119,4 +123,28 @@ async def test_a_demand_read_does_not_queue_behind_readahead():
                 await trio.testing.wait_all_tasks_blocked()
             m.start_soon(fetch, "read", True)
         assert done.index("read") <= 1
+        n.cancel_scope.cancel()
+
+
+async def not_tls(stream):
+    """A server on an https:// URL that answers the TLS hello in plain text."""
+    with contextlib.suppress(trio.BrokenResourceError):
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+    await stream.aclose()
+
+
+async def test_a_failed_tls_handshake_closes_its_socket_at_once():
+    async with trio.open_nursery() as n:
+        url = (await serve(n, not_tls)).replace("http://", "https://")
+        c = Client(url)
+        before = len(os.listdir("/proc/self/fd"))
+        errors = []                               # kept, with their tracebacks
+        for _ in range(20):
+            try:
+                await c.get("a")
+            except HTTPError as e:
+                errors.append(e)
+        assert len(errors) == 20 and "cannot connect" in str(errors[0])
+        assert len(os.listdir("/proc/self/fd")) - before < 5
         n.cancel_scope.cancel()
