@@ -46,8 +46,10 @@ class ByteSource(Protocol):
 class Archive:
     def __init__(self, source: ByteSource):
         self.source = source
-        # Directories whose goodbye tables were checked whole (by offset).
+        # Directories whose goodbye tables were checked whole (by offset),
+        # and those being checked (offset -> Event set when done).
         self._checked = cachetools.LRUCache(_CHECKED_TABLES)
+        self._checking: dict[int, trio.Event] = {}
 
     async def root(self) -> catar.Entry:
         """The root directory (the ENTRY at offset 0)."""
@@ -77,7 +79,7 @@ class Archive:
         return places
 
     async def _places(self, table, start, dir_offset):
-        # A million items take half a second: not in the event loop.
+        # A million items take half a second or more: not in the event loop.
         if len(table) < _BIG_TABLE:
             return catar.goodbye_places(table, start, dir_offset)
         return await trio.to_thread.run_sync(catar.goodbye_places, table, start, dir_offset)
@@ -106,10 +108,24 @@ class Archive:
         # "No such name" is kept by the kernel for a day: said only of a
         # table whose items all lie where they should (the search reads
         # few of them).
-        if directory.offset not in self._checked:
-            await self._places(table, start, directory.offset)
-            self._checked[directory.offset] = True
+        await self._check(table, start, directory.offset)
         return None
+
+    async def _check(self, table, start, dir_offset):
+        """Check a goodbye table's places once, also for lookups that come
+        while a thread sorts it."""
+        while dir_offset not in self._checked:
+            checking = self._checking.get(dir_offset)
+            if checking is None:
+                self._checking[dir_offset] = checking = trio.Event()
+                try:
+                    await self._places(table, start, dir_offset)
+                    self._checked[dir_offset] = True
+                finally:
+                    del self._checking[dir_offset]
+                    checking.set()
+            else:
+                await checking.wait()
 
     async def child(self, start: int, size: int) -> catar.Entry:
         """Decode the child whose goodbye item says it spans ``size`` bytes

@@ -41,6 +41,9 @@ DISK_FAILURES = 3    # failed disk cache calls in a row before going on without 
 # remembered: trying again costs little, and the store may be back.)
 FAILURE_MEMORY = 1.0
 DISK_WARN_EVERY = 60.0  # seconds between warnings about the disk cache
+# A disk cache write is waited for this long at most (less when a quarter
+# of the deadline is less): its thread goes on with it alone.
+DISK_WRITE_WAIT = 1.0
 _DISK_READS = frozenset({"get", "present"})
 # Worker threads for decoding, hashing and cache I/O: one per core.  More
 # only adds contention (prefetch from nginx: 2.05 s with 2, 2.5 s with 4).
@@ -586,9 +589,10 @@ class ChunkEngine:
 
     async def _write_disk(self, method, calls):
         """Disk cache writes (``method`` with each of ``calls``' arguments)
-        in a worker thread, abandoned after a quarter of the deadline: like
-        a read, a write to a cache on a hung NFS server must not hold its
-        reader for ever, and once abandoned the cache counts as stuck."""
+        in a worker thread, waited for DISK_WRITE_WAIT at most: like a read,
+        a write to a cache on a hung NFS server must not hold its reader
+        for ever, and once one has run for a quarter of the deadline the
+        cache counts as stuck."""
         if self.disk is None or self._stuck(self._disk_place):
             return
         hop = _Hop(0)
@@ -596,7 +600,7 @@ class ChunkEngine:
         def write():
             for args in calls:
                 self._near_call(hop, self._disk_place, self._disk_call, method, *args)
-        await self._in_thread(hop, write, self._stuck_after)
+        await self._in_thread(hop, write, min(self._stuck_after, DISK_WRITE_WAIT))
 
     def _disk_call(self, method, *args):
         """A disk cache call (in a worker thread); a failure is a miss, or

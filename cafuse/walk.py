@@ -108,15 +108,15 @@ class WalkAhead:
             # Too large to queue at once: its children are decoded as the
             # queue runs low.
             self._queued.add(directory)
-            self._paging = (places, places.after(entry.offset))
-            self._wanted.set()
+            first = places.after(entry.offset)
+            if first < len(places):
+                self._paging = (places, first)
+                self._wanted.set()
 
     def _advance(self, offset: int) -> None:
         if offset > self.position:
             self.position = offset
             self._moved.set()
-            if self._paging is not None:
-                self._wanted.set()
 
     def listed(self, directory: int, children: list[Entry]) -> None:
         """The kernel just asked for the start of a directory's listing."""
@@ -185,11 +185,8 @@ class WalkAhead:
 
     def _page_due(self) -> bool:
         """Whether the next children of a large directory are to be queued:
-        the queues run low, and they lie within the stream-ahead."""
-        if self._paging is None or len(self._files) + len(self._dirs) >= PUSH_FILES:
-            return False
-        places, first = self._paging
-        return places.page(first, 1)[0][0] < self.position + STREAM_AHEAD
+        the queues run low (as they are worked through, not faster)."""
+        return self._paging is not None and len(self._files) + len(self._dirs) < PUSH_FILES
 
     async def _step(self):
         if self._page_due():

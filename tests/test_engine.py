@@ -826,3 +826,14 @@ async def test_chunks_that_arrived_are_cached_when_their_load_fails(tmp_path):
         await eng.get_many([_want(c) for c in good] + [(bad, len(dbad))], remember=False)
     await eng.aclose()
     assert cached(tmp_path).present([cid for cid, _ in good]) == {cid for cid, _ in good}
+
+
+async def test_a_reader_that_goes_away_waits_for_a_hung_disk_write_a_second_at_most(tmp_path):
+    chunks = [chunk(n) for n in range(4)]
+    eng = engine([Store("remote", chunks)], deadline=60.0,
+                 disk=HungDiskCache(str(tmp_path), hangs_in="put"))
+    start = trio.current_time()
+    with trio.move_on_after(0.2):              # Ctrl-C, an unmount
+        await eng.get_many([_want(c) for c in chunks])
+    assert trio.current_time() - start < 1.5
+    await eng.aclose()

@@ -6,7 +6,7 @@ import stat
 import pytest
 import trio
 
-from cafuse import acl
+from cafuse import acl, catar
 
 import oracle
 from reading import open_made
@@ -174,3 +174,22 @@ def test_local_catar(casync_archive):
     entries = read_all(made)
     assert hashlib.new("sha512_256", made.index.read_bytes()).hexdigest() == made.digest
     compare_with_tree(entries, made.tree)
+
+
+def test_concurrent_negative_lookups_check_a_large_table_once(casync_archive, monkeypatch):
+    made = casync_archive("bigdir")               # 10,000 entries: checked in a thread
+    sorts = []
+    places = catar.goodbye_places
+    monkeypatch.setattr(catar, "goodbye_places", lambda *a: sorts.append(1) or places(*a))
+
+    inp = open_made(made)
+
+    async def check():
+        archive = inp.archive()
+        big = await archive.lookup(await archive.root(), b"big")
+        async with trio.open_nursery() as nursery:
+            for k in range(8):
+                nursery.start_soon(archive.lookup, big, b"nope%d" % k)
+        await inp.aclose()
+    trio.run(check)
+    assert len(sorts) == 1

@@ -158,14 +158,16 @@ def test_a_store_outage_costs_the_walk_its_pushes_not_its_life(casync_archive, t
     trio.run(check)
 
 
-async def walk_into(archive, ahead, listings, name):
+async def walk_into(archive, ahead, listings, name, at_end=False):
     """The walk reads the first files of the large directory ``name`` of
-    the root, which the kernel has listed a reply at a time; returns it."""
+    the root (or ends a streak of reads with its last), which the kernel
+    has listed a reply at a time; returns it."""
     root = await archive.root()
     listings[1] = await archive.listdir(root)
     directory = await archive.lookup(root, name)
     ahead.paged[node_of(directory)] = places = await archive.places(directory)
-    for e in await archive.entries(places.page(0, WALK_FILES)):
+    first = len(places) - WALK_FILES - 1 if at_end else 0
+    for e in await archive.entries(places.page(first, WALK_FILES + at_end)):
         ahead.read(node_of(directory), e, e.payload, e.size)
     return directory
 
@@ -229,3 +231,15 @@ def test_a_page_that_fails_is_skipped_not_retried(casync_archive):
         return calls
     calls = trio.run(check)
     assert len(calls) == len(set(calls)) > 1     # each page tried once, the walk went on
+
+
+def test_a_walk_that_reaches_a_large_directory_at_its_last_child_goes_on(casync_archive):
+    made = casync_archive("twobigdirs")
+    archive, ahead, listings, stored = walk_ahead(made, listed=1000)
+
+    async def check():
+        await walk_into(archive, ahead, listings, b"a", at_end=True)
+        assert ahead._paging is None               # nothing after it to page
+        with trio.move_on_after(0.5):
+            await ahead.run()                      # did not end with an error
+    trio.run(check)
