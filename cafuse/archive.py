@@ -47,9 +47,10 @@ class Archive:
     def __init__(self, source: ByteSource):
         self.source = source
         # Directories whose goodbye tables were checked whole (by offset),
-        # and those being checked (offset -> Event set when done).
+        # and those being checked (offset -> an Event set when done, and
+        # where the check's error will be).
         self._checked = cachetools.LRUCache(_CHECKED_TABLES)
-        self._checking: dict[int, trio.Event] = {}
+        self._checking: dict[int, tuple[trio.Event, list]] = {}
 
     async def root(self) -> catar.Entry:
         """The root directory (the ENTRY at offset 0)."""
@@ -116,16 +117,22 @@ class Archive:
         while a thread sorts it."""
         while dir_offset not in self._checked:
             checking = self._checking.get(dir_offset)
-            if checking is None:
-                self._checking[dir_offset] = checking = trio.Event()
-                try:
-                    await self._places(table, start, dir_offset)
-                    self._checked[dir_offset] = True
-                finally:
-                    del self._checking[dir_offset]
-                    checking.set()
-            else:
-                await checking.wait()
+            if checking is not None:
+                done, failed = checking
+                await done.wait()
+                if failed:
+                    raise failed[0]
+                continue
+            done, failed = self._checking[dir_offset] = trio.Event(), []
+            try:
+                await self._places(table, start, dir_offset)
+                self._checked[dir_offset] = True
+            except FormatError as e:
+                failed.append(e)
+                raise
+            finally:
+                del self._checking[dir_offset]
+                done.set()
 
     async def child(self, start: int, size: int) -> catar.Entry:
         """Decode the child whose goodbye item says it spans ``size`` bytes

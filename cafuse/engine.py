@@ -124,16 +124,19 @@ class _Hop:
     What the thread found before that is kept (``found``), and so is the
     call it was in (``within``: its ``_Place`` and when it began).  An
     abandoned thread still running keeps its limiter token, so the
-    limiter is ``lent`` one more until the thread ends."""
-    __slots__ = ("found", "started", "finished", "abandoned", "within", "lent")
+    limiter is ``lent`` one more until the thread ends.  A ``detached``
+    hop (disk writes) goes on with its calls once abandoned, each counted
+    as given up."""
+    __slots__ = ("found", "started", "finished", "abandoned", "within", "lent", "detached")
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, detached: bool = False):
         self.found = [None] * n
         self.started = False
         self.finished = False
         self.abandoned = False
         self.within = None
         self.lent = False
+        self.detached = detached
 
 
 class ChunkEngine:
@@ -149,6 +152,7 @@ class ChunkEngine:
         # A place whose given-up call has run this long is skipped.
         self._stuck_after = deadline / 4
         self._disk_place = _Place("the disk cache")
+        self._writing = 0   # disk write threads running
         self._seed_places = [_Place(str(seed)) for seed in self.seeds]
         states = [_StoreState(s) for s in stores]
         # Local stores ahead of the first remote one are read in the same
@@ -437,9 +441,12 @@ class ChunkEngine:
     def _near_call(self, hop, place, call, *args):
         """``call(*args)`` (blocking), as the call ``hop`` is in, at ``place``."""
         with self._hop_lock:
+            now = time.monotonic()
             if hop.abandoned:
-                raise _Abandoned
-            hop.within = (place, time.monotonic())
+                if not hop.detached:
+                    raise _Abandoned
+                place.given_up[hop] = now
+            hop.within = (place, now)
         try:
             return call(*args)
         finally:
@@ -587,20 +594,27 @@ class ChunkEngine:
         if self.disk is not None and self.disk.flush_due():
             await self._write_disk("flush", [()])
 
-    async def _write_disk(self, method, calls):
+    async def _write_disk(self, method, calls, wait=DISK_WRITE_WAIT):
         """Disk cache writes (``method`` with each of ``calls``' arguments)
-        in a worker thread, waited for DISK_WRITE_WAIT at most: like a read,
-        a write to a cache on a hung NFS server must not hold its reader
-        for ever, and once one has run for a quarter of the deadline the
-        cache counts as stuck."""
+        in a worker thread, waited for ``wait`` seconds at most (or a
+        quarter of the deadline, if less), then left to go on alone: like
+        a read, a write to a cache on a hung NFS server must not hold its
+        reader for ever, and once one has run for a quarter of the
+        deadline the cache counts as stuck."""
         if self.disk is None or self._stuck(self._disk_place):
             return
-        hop = _Hop(0)
+        hop = _Hop(0, detached=True)
 
         def write():
-            for args in calls:
-                self._near_call(hop, self._disk_place, self._disk_call, method, *args)
-        await self._in_thread(hop, write, min(self._stuck_after, DISK_WRITE_WAIT))
+            with self._hop_lock:
+                self._writing += 1
+            try:
+                for args in calls:
+                    self._near_call(hop, self._disk_place, self._disk_call, method, *args)
+            finally:
+                with self._hop_lock:
+                    self._writing -= 1
+        await self._in_thread(hop, write, min(self._stuck_after, wait))
 
     def _disk_call(self, method, *args):
         """A disk cache call (in a worker thread); a failure is a miss, or
@@ -675,4 +689,9 @@ class ChunkEngine:
             await state.store.aclose()
         for seed in self.seeds:
             seed.close()
-        await self._write_disk("close", [()])
+        # Writes left to go on alone end first (the close commits them), and
+        # the close is waited for: the process may end right after it.
+        with trio.move_on_after(self._stuck_after):
+            while self._writing and not self._stuck(self._disk_place):
+                await trio.sleep(0.01)
+        await self._write_disk("close", [()], wait=self._stuck_after)

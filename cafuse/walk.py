@@ -117,6 +117,8 @@ class WalkAhead:
         if offset > self.position:
             self.position = offset
             self._moved.set()
+            if self._paging is not None:
+                self._wanted.set()
 
     def listed(self, directory: int, children: list[Entry]) -> None:
         """The kernel just asked for the start of a directory's listing."""
@@ -185,8 +187,15 @@ class WalkAhead:
 
     def _page_due(self) -> bool:
         """Whether the next children of a large directory are to be queued:
-        the queues run low (as they are worked through, not faster)."""
-        return self._paging is not None and len(self._files) + len(self._dirs) < PUSH_FILES
+        the queues run low, and when they are empty (its children may be
+        files too large to push, or symlinks) the next lies within the
+        stream-ahead."""
+        if self._paging is None or len(self._files) + len(self._dirs) >= PUSH_FILES:
+            return False
+        if self._files or self._dirs:
+            return True
+        places, first = self._paging
+        return places.page(first, 1)[0][0] < self.position + STREAM_AHEAD
 
     async def _step(self):
         if self._page_due():

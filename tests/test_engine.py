@@ -830,10 +830,32 @@ async def test_chunks_that_arrived_are_cached_when_their_load_fails(tmp_path):
 
 async def test_a_reader_that_goes_away_waits_for_a_hung_disk_write_a_second_at_most(tmp_path):
     chunks = [chunk(n) for n in range(4)]
-    eng = engine([Store("remote", chunks)], deadline=60.0,
+    eng = engine([Store("remote", chunks)], deadline=8.0,      # stuck after 2 s
                  disk=HungDiskCache(str(tmp_path), hangs_in="put"))
     start = trio.current_time()
     with trio.move_on_after(0.2):              # Ctrl-C, an unmount
         await eng.get_many([_want(c) for c in chunks])
     assert trio.current_time() - start < 1.5
     await eng.aclose()
+
+
+
+class SlowDiskCache(DiskCache):
+    """A working disk cache on a slow disk: puts take 20 ms, the close's
+    commit 1.2 s."""
+
+    def put(self, cid, data):
+        time.sleep(0.02)
+        super().put(cid, data)
+
+    def close(self):
+        time.sleep(1.2)
+        super().close()
+
+
+async def test_a_slow_disk_cache_gets_every_chunk_and_its_close_is_waited_for(tmp_path):
+    chunks = [chunk(n) for n in range(60)]      # 1.2 s of puts: past the 1 s wait
+    eng = engine([Store("remote", chunks)], disk=SlowDiskCache(str(tmp_path), 1 << 20))
+    assert await eng.get_many([_want(c) for c in chunks]) == [d for _, d in chunks]
+    await eng.aclose()                          # as the process would end right after
+    assert cached(tmp_path).present([cid for cid, _ in chunks]) == {cid for cid, _ in chunks}

@@ -2,11 +2,13 @@
 
 import hashlib
 import stat
+import time
 
 import pytest
 import trio
 
 from cafuse import acl, catar
+from cafuse.errors import FormatError
 
 import oracle
 from reading import open_made
@@ -193,3 +195,30 @@ def test_concurrent_negative_lookups_check_a_large_table_once(casync_archive, mo
         await inp.aclose()
     trio.run(check)
     assert len(sorts) == 1
+
+
+
+def test_concurrent_lookups_share_a_failed_table_check(casync_archive, monkeypatch):
+    made = casync_archive("bigdir")
+
+    def failing(*args):
+        time.sleep(0.3)
+        raise FormatError("goodbye items overlap", 0)
+    inp = open_made(made)
+
+    async def check():
+        archive = inp.archive()
+        big = await archive.lookup(await archive.root(), b"big")
+        monkeypatch.setattr(catar, "goodbye_places", failing)
+        start, took = trio.current_time(), []
+
+        async def lookup(name):
+            with pytest.raises(FormatError):
+                await archive.lookup(big, name)
+            took.append(trio.current_time() - start)
+        async with trio.open_nursery() as nursery:
+            for k in range(4):
+                nursery.start_soon(lookup, b"nope%d" % k)
+        await inp.aclose()
+        return took
+    assert max(trio.run(check)) < 0.6              # one check, not four in turn

@@ -10,6 +10,7 @@ import trio
 
 from cafuse.catar import Entry
 from cafuse.errors import CafuseError
+from cafuse import walk
 from cafuse.mount import LISTED_ENTRIES, PAGED_PLACES, Listings
 from cafuse.walk import (PUSH_FILE_MAX, PUSH_FILES, RUN_GAP, WALK_FILES, WALK_GAP, WalkAhead,
                          _runs, node_of)
@@ -243,3 +244,26 @@ def test_a_walk_that_reaches_a_large_directory_at_its_last_child_goes_on(casync_
         with trio.move_on_after(0.5):
             await ahead.run()                      # did not end with an error
     trio.run(check)
+
+
+
+def test_children_the_walk_does_not_queue_are_paged_no_further_than_the_stream_ahead(
+        casync_archive, monkeypatch):
+    made = casync_archive("twobigdirs")
+    monkeypatch.setattr(walk, "PUSH_FILE_MAX", 0)       # as if all were too large to push
+    monkeypatch.setattr(walk, "STREAM_AHEAD", 16 << 10)
+    archive, ahead, listings, stored = walk_ahead(made, listed=1000)
+
+    async def check():
+        await walk_into(archive, ahead, listings, b"a")
+        ends, entries = [], archive.entries
+
+        async def decoding(places):
+            ends.extend(start + size for start, size in places)
+            return await entries(places)
+        archive.entries = decoding
+        with trio.move_on_after(0.5):
+            await ahead.run()
+        return max(ends) - ahead.position
+    beyond = trio.run(check)
+    assert beyond < (16 << 10) + PUSH_FILES * 200       # one page past the stream-ahead
