@@ -153,6 +153,8 @@ class ChunkEngine:
         self._stuck_after = deadline / 4
         self._disk_place = _Place("the disk cache")
         self._writing = 0   # disk write threads running
+        self._left_alone = 0   # of them, those no longer waited for
+        self._closing = False
         self._seed_places = [_Place(str(seed)) for seed in self.seeds]
         states = [_StoreState(s) for s in stores]
         # Local stores ahead of the first remote one are read in the same
@@ -377,6 +379,8 @@ class ChunkEngine:
             if hop.finished:
                 return None
             hop.abandoned = True
+            if hop.detached:
+                self._left_alone += 1
             within = hop.within
             if within is not None:
                 place, began = within
@@ -443,7 +447,7 @@ class ChunkEngine:
         with self._hop_lock:
             now = time.monotonic()
             if hop.abandoned:
-                if not hop.detached:
+                if not hop.detached or self._closing:
                     raise _Abandoned
                 place.given_up[hop] = now
             hop.within = (place, now)
@@ -601,7 +605,10 @@ class ChunkEngine:
         a read, a write to a cache on a hung NFS server must not hold its
         reader for ever, and once one has run for a quarter of the
         deadline the cache counts as stuck."""
-        if self.disk is None or self._stuck(self._disk_place):
+        # One write going on alone at a time: while the disk is slower than
+        # the stores, what does not keep up is not cached.
+        if self.disk is None or self._stuck(self._disk_place) \
+                or (self._left_alone and method != "close"):
             return
         hop = _Hop(0, detached=True)
 
@@ -614,6 +621,8 @@ class ChunkEngine:
             finally:
                 with self._hop_lock:
                     self._writing -= 1
+                    if hop.abandoned:
+                        self._left_alone -= 1
         await self._in_thread(hop, write, min(self._stuck_after, wait))
 
     def _disk_call(self, method, *args):
@@ -694,4 +703,5 @@ class ChunkEngine:
         with trio.move_on_after(self._stuck_after):
             while self._writing and not self._stuck(self._disk_place):
                 await trio.sleep(0.01)
+        self._closing = True     # writes still going on stop at their next call
         await self._write_disk("close", [()], wait=self._stuck_after)

@@ -93,8 +93,12 @@ class WalkAhead:
             self._last_file_end = entry.payload + entry.size
         if self._streak < WALK_FILES:
             return
-        if not self.walking():  # a new walk, from here
+        if not self.walking():  # a new walk, from here: nothing of the last
             self.position = self._fetched = offset + size
+            self._files.clear()
+            self._dirs.clear()
+            self._queued.clear()
+            self._paging = None
         self._until = trio.current_time() + WALK_SECONDS
         self._advance(offset + size)
         if directory is None or directory in self._queued:

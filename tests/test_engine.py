@@ -859,3 +859,25 @@ async def test_a_slow_disk_cache_gets_every_chunk_and_its_close_is_waited_for(tm
     assert await eng.get_many([_want(c) for c in chunks]) == [d for _, d in chunks]
     await eng.aclose()                          # as the process would end right after
     assert cached(tmp_path).present([cid for cid, _ in chunks]) == {cid for cid, _ in chunks}
+
+
+
+class SlowerDiskCache(DiskCache):
+    """A working disk cache much slower than the stores: 0.1 s a put."""
+
+    def put(self, cid, data):
+        with self._lock:
+            time.sleep(0.1)
+        super().put(cid, data)
+
+
+async def test_one_disk_write_goes_on_alone_and_stops_at_the_close(tmp_path, caplog):
+    chunks = [chunk(n) for n in range(40)]
+    eng = engine([Store("remote", chunks)], deadline=2.0,   # writes waited for 0.5 s
+                 disk=SlowerDiskCache(str(tmp_path), 1 << 20))
+    for part in (chunks[:20], chunks[20:]):     # 2 s of puts each
+        assert await eng.get_many([_want(c) for c in part]) == [d for _, d in part]
+        assert eng._writing <= 1
+    await eng.aclose()                          # with the first batch's puts still going
+    await trio.sleep(0.3)
+    assert "closed database" not in caplog.text and "without the disk cache" not in caplog.text

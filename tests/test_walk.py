@@ -267,3 +267,34 @@ def test_children_the_walk_does_not_queue_are_paged_no_further_than_the_stream_a
         return max(ends) - ahead.position
     beyond = trio.run(check)
     assert beyond < (16 << 10) + PUSH_FILES * 200       # one page past the stream-ahead
+
+
+
+def test_a_new_walk_does_not_go_on_with_the_last_ones_directory(casync_archive, monkeypatch):
+    made = casync_archive("twobigdirs")
+    monkeypatch.setattr(walk, "PUSH_FILE_MAX", 0)       # a/'s files: too large to push
+    monkeypatch.setattr(walk, "STREAM_AHEAD", 16 << 10)
+    monkeypatch.setattr(walk, "WALK_SECONDS", 0.3)
+    archive, ahead, listings, stored = walk_ahead(made, listed=1000)
+
+    async def check():
+        a = await walk_into(archive, ahead, listings, b"a")
+        b = await archive.lookup(await archive.root(), b"b")
+        listings[node_of(b)] = b_children = await archive.listdir(b)
+        decoded, entries = [], archive.entries
+
+        async def decoding(places):
+            decoded.extend(start for start, _ in places)
+            return await entries(places)
+        archive.entries = decoding
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ahead.run)
+            await trio.sleep(0.6)                       # a/'s walk stops at the gate, ends
+            decoded.clear()
+            monkeypatch.setattr(walk, "PUSH_FILE_MAX", 1 << 20)
+            for e in b_children[:WALK_FILES + 1]:       # a new walk, in b/
+                ahead.read(node_of(b), e, e.payload, e.size)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+        return [start for start in decoded if a.offset < start < a.end]
+    assert trio.run(check) == []
