@@ -361,7 +361,7 @@ class ChunkEngine:
                     with contextlib.suppress(trio.RunFinishedError):
                         trio_token.run_sync_soon(self._take_back_token)
         try:
-            with trio.move_on_after(max(limit, 0)):
+            with trio.move_on_after(limit):
                 await trio.to_thread.run_sync(run, limiter=self._nearby_limiter,
                                               abandon_on_cancel=True)
                 return None

@@ -95,10 +95,7 @@ class WalkAhead:
             return
         if not self.walking():  # a new walk, from here: nothing of the last
             self.position = self._fetched = offset + size
-            self._files.clear()
-            self._dirs.clear()
-            self._queued.clear()
-            self._paging = None
+            self._forget()
         self._until = trio.current_time() + WALK_SECONDS
         self._advance(offset + size)
         if directory is None or directory in self._queued:
@@ -184,10 +181,14 @@ class WalkAhead:
                     self._until = 0.0
                 await trio.lowlevel.checkpoint()
             if not self.walking():
-                self._files.clear()
-                self._dirs.clear()
-                self._queued.clear()
-                self._paging = None
+                self._forget()
+
+    def _forget(self):
+        """Drop what a walk had queued."""
+        self._files.clear()
+        self._dirs.clear()
+        self._queued.clear()
+        self._paging = None
 
     def _page_due(self) -> bool:
         """Whether the next children of a large directory are to be queued:
