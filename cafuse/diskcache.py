@@ -84,6 +84,7 @@ class DiskCache:
         self._touched: dict[int, float] = {}
         self._pending: dict[bytes, tuple[int, int, int]] = {}
         self._flushed = time.monotonic()
+        self._closed = False
         try:
             os.makedirs(self.packs, exist_ok=True)
             self._db = sqlite3.connect(os.path.join(path, "index.sqlite"), timeout=30,
@@ -96,6 +97,8 @@ class DiskCache:
 
     def get(self, chunk_id: bytes) -> bytes | None:
         with self._lock:
+            if self._closed:
+                return None
             row = self._pending.get(chunk_id) or self._query(
                 "SELECT pack, offset, size FROM chunk WHERE id = ?", (chunk_id,)).fetchone()
             if row is None:
@@ -122,6 +125,8 @@ class DiskCache:
         a cold cache costs one lookup per batch, not one per chunk."""
         found = {cid for cid in chunk_ids if cid in self._pending}
         with self._lock:
+            if self._closed:
+                return set()
             for k in range(0, len(chunk_ids), 500):  # SQLite's variable limit
                 part = chunk_ids[k:k + 500]
                 marks = ",".join("?" * len(part))
@@ -134,9 +139,12 @@ class DiskCache:
 
         Rows are committed in batches (a commit per chunk would cost more
         than the write); until then this process finds them in ``_pending``.
+        After the close, a put (from a write left to go on alone) is dropped.
         """
         record = _check(chunk_id, data) + data
         with self._lock:
+            if self._closed:
+                return
             pack, fd, offset = self._writer()
             try:
                 written = os.pwrite(fd, record, offset)
@@ -158,7 +166,8 @@ class DiskCache:
 
     def flush(self) -> None:
         with self._lock:
-            self._flush()
+            if not self._closed:
+                self._flush()
 
     def _flush(self):
         """Commit the pending rows, and prune if the cache outgrew its budget."""
@@ -206,8 +215,12 @@ class DiskCache:
 
     def close(self) -> None:
         """Commit the pending rows and release files and index, even when
-        the commit fails (then those rows are lost, and raised about)."""
+        the commit fails (then those rows are lost, and raised about).  Later
+        calls find nothing and keep nothing."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             try:
                 self._flush()
             finally:
@@ -298,7 +311,8 @@ class DiskCache:
         if now - self._touched.get(pack, 0) > _TOUCH_AFTER:
             self._touched[pack] = now
             with self._lock:
-                self._query("UPDATE pack SET used = ? WHERE id = ?", (now, pack))
+                if not self._closed:
+                    self._query("UPDATE pack SET used = ? WHERE id = ?", (now, pack))
 
     def _pack_file(self, pack):
         return os.path.join(self.packs, f"{pack}.pack")

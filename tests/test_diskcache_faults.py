@@ -115,3 +115,20 @@ def test_a_pack_pruned_by_another_process_before_its_rows_are_committed(tmp_path
     c.flush()
     assert c.get(cid(d)) == d
     c.close()
+
+
+def test_calls_that_come_after_the_close_do_nothing(tmp_path):
+    # A write the engine left to go on alone may reach the cache after its
+    # close: it must neither fail nor leave a new pack behind.
+    old, new = b"A" * 4096, b"B" * 4096
+    c = DiskCache(str(tmp_path), 1 << 30)
+    c.put(cid(old), old)
+    c.close()
+    c.put(cid(new), new)
+    c.flush()
+    assert c.get(cid(old)) is None and c.present([cid(old)]) == set()
+    c.close()
+    assert os.listdir(tmp_path / "packs") == ["1.pack"]
+    again = DiskCache(str(tmp_path), 1 << 30)
+    assert again.get(cid(old)) == old and again.get(cid(new)) is None
+    again.close()
