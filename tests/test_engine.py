@@ -123,6 +123,88 @@ async def test_a_dead_store_with_a_queue_is_set_aside_within_the_deadline(tmp_pa
     assert got == [d for _cid, d in chunks]
 
 
+# A store that does not answer within a quarter of the deadline (or its
+# own request timeout, if less) has the next store asked too; the first copy
+# that verifies wins.
+async def test_a_hung_store_hands_its_chunk_to_the_next_within_the_deadline():
+    (a, da), (b, db) = chunk(1), chunk(2)
+    hung = Store("hung", [(a, da), (b, db)], lambda cid, n: "stall")
+    good = Store("good", [(a, da), (b, db)])
+    eng = engine([hung, good], deadline=1.0)
+    start = trio.current_time()
+    assert await eng.get(a, len(da)) == da
+    assert 0.2 < trio.current_time() - start < 0.5
+    # It answered nothing while the next store did: set aside.
+    start = trio.current_time()
+    assert await eng.get(b, len(db)) == db
+    assert trio.current_time() - start < 0.1
+    assert b not in hung.calls and eng.stats.sources["good"] == 2
+
+
+async def test_a_slow_store_still_serves_when_the_next_is_down():
+    (a, da), (b, db) = chunk(1), chunk(2)
+    slow = Store("slow", [(a, da), (b, db)], delay=0.4)
+    down = Store("down", [], lambda cid, n: HTTPError("connection refused", retryable=True))
+    eng = engine([slow, down], deadline=1.0)
+    assert await eng.get_many([_want(c) for c in [(a, da), (b, db)]]) == [da, db]
+    assert eng.stats.sources["slow"] == 2
+    assert 1 <= len(down.calls) <= 2         # asked once each, while the first lagged
+
+
+async def test_a_corrupt_copy_does_not_beat_a_slow_good_one():
+    (a, da), = [chunk(1)]
+    slow = Store("slow", [(a, da)], delay=0.4)
+    bad = Store("bad", [(a, da)], lambda cid, n: "corrupt")
+    bad.fetch = _corrupting(bad)
+    eng = engine([slow, bad], deadline=1.0)
+    assert await eng.get(a, len(da)) == da
+    assert eng.stats.sources == {"slow": 1}
+
+
+async def test_a_corrupt_copy_from_the_next_store_passes_the_chunk_on_again():
+    (a, da), = [chunk(1)]
+    hung = Store("hung", [(a, da)], lambda cid, n: "stall")
+    bad = Store("bad", [(a, da)], lambda cid, n: "corrupt")
+    bad.fetch = _corrupting(bad)
+    good = Store("good", [(a, da)])
+    eng = engine([hung, bad, good], deadline=1.0)
+    assert await eng.get(a, len(da)) == da
+    assert eng.stats.sources == {"good": 1}
+
+
+async def test_a_busy_store_that_answers_others_is_not_set_aside():
+    chunks = [chunk(n) for n in range(6)]
+    late = chunks[0][0]
+    busy = Store("busy", chunks, lambda cid, n: "stall" if cid == late else None,
+                 delay=0.1)
+    other = Store("other", chunks)
+    eng = engine([busy, other], deadline=1.0)
+    assert await eng.get_many([_want(c) for c in chunks]) == [d for _cid, d in chunks]
+    assert eng.stats.sources == {"busy": 5, "other": 1}
+    more = chunk(6)
+    busy.chunks[more[0]] = more[1]
+    assert await eng.get(*_want(more)) == more[1]
+    assert busy.calls[-1] == more[0]
+
+
+async def test_a_hung_http_store_within_a_deadline_shorter_than_its_tries(tmp_path):
+    # 4 tries of 0.6 s each would outlast the 1 s deadline: the next store
+    # is asked after a quarter of it.
+    (a, da), = [chunk(1)]
+    path = tmp_path / chunk_path(a)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(da)
+    with socket.socket() as hole:                 # connects, never answers
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(8)
+        options = HTTPOptions(timeout=0.6, retries=3, backoff=0.01)
+        dead = HTTPStore(f"http://127.0.0.1:{hole.getsockname()[1]}", options)
+        eng = ChunkEngine([dead, LocalStore(str(tmp_path))], "sha256", deadline=1.0)
+        with trio.fail_after(0.8):
+            assert await eng.get(a, len(da)) == da
+        await eng.aclose()
+
+
 async def test_concurrent_readers_of_a_large_chunk_share_one_load():
     cid, data = chunk(1, size=64 << 10)
     store = Store("s", [(cid, data)], delay=0.05)
