@@ -139,7 +139,7 @@ class DiskCache:
 
         Rows are committed in batches (a commit per chunk would cost more
         than the write); until then this process finds them in ``_pending``.
-        After the close, a put (from a write left to go on alone) is dropped.
+        After the close, a put (from a writer left to go on) is dropped.
         """
         record = _check(chunk_id, data) + data
         with self._lock:

@@ -16,6 +16,7 @@ of the deadline, until those reads return.  A chunk that no source can
 deliver raises ChunkError naming the chunk and what each store said.
 """
 
+import collections
 import contextlib
 import logging
 import os
@@ -43,9 +44,10 @@ DISK_FAILURES = 3    # failed disk cache calls in a row before going on without 
 # remembered: trying again costs little, and the store may be back.)
 FAILURE_MEMORY = 1.0
 DISK_WARN_EVERY = 60.0  # seconds between warnings about the disk cache
-# A disk cache write is waited for this long at most (less when a quarter
-# of the deadline is less): its thread goes on with it alone.
-DISK_WRITE_WAIT = 1.0
+# Chunks waiting for the disk cache writer, at most: when the disk falls
+# this far behind the stores, loads wait for it.
+DISK_QUEUE_BYTES = 32 << 20
+DISK_QUEUE_POLL = 0.01  # seconds between looks for room in a full queue
 _DISK_READS = frozenset({"get", "present"})
 # Worker threads for decoding, hashing and cache I/O: one per core.  More
 # only adds contention (prefetch from nginx: 2.05 s with 2, 2.5 s with 4).
@@ -127,9 +129,10 @@ class _Hop:
     What the thread found before that is kept (``found``), and so is the
     call it was in (``within``: its ``_Place`` and when it began).  An
     abandoned thread still running keeps its limiter token, so the
-    limiter is ``lent`` one more until the thread ends.  A ``detached``
-    hop (disk writes) goes on with its calls once abandoned, each counted
-    as given up."""
+    limiter is ``lent`` one more until the thread ends.  The disk
+    writer's hop is ``detached``: abandoned from the start (nobody waits
+    for it), it goes on with its calls, each counted as given up, until
+    the engine closes."""
     __slots__ = ("found", "started", "finished", "abandoned", "within", "lent", "detached")
 
     def __init__(self, n: int, detached: bool = False):
@@ -140,6 +143,73 @@ class _Hop:
         self.within = None
         self.lent = False
         self.detached = detached
+
+
+class _DiskWriter:
+    """The one thread that writes the disk cache, so that no reader waits
+    for a disk write: ``submit`` queues a call and returns, and the thread
+    makes the calls in order.  It holds DISK_QUEUE_BYTES of chunks at
+    most: ``submit`` says whether there was room.  ``call(method, *args)``
+    makes one call (blocking) and raises _Abandoned when the thread is to
+    stop."""
+
+    def __init__(self, call):
+        self._call = call
+        self._calls = collections.deque()
+        self._unmade = 0          # calls queued or being made
+        self._bytes = 0
+        self._ready = threading.Condition()
+        self._thread = None
+        self._closed = False
+
+    def submit(self, method, *args, size=0) -> bool:
+        with self._ready:
+            if self._closed or (self._calls and self._bytes + size > DISK_QUEUE_BYTES):
+                return False
+            self._calls.append((method, args, size))
+            self._unmade += 1
+            self._bytes += size
+            self._ready.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="cafuse disk cache writer")
+                self._thread.start()
+        return True
+
+    def close(self) -> None:
+        """Queue the cache's close, the thread's last call."""
+        self.submit("close")
+        with self._ready:
+            self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def idle(self) -> bool:
+        """Whether every call queued so far has been made."""
+        with self._ready:
+            return not self._unmade
+
+    def _run(self):
+        while True:
+            with self._ready:
+                while not self._calls:
+                    self._ready.wait()
+                method, args, size = self._calls.popleft()
+                self._bytes -= size
+            try:
+                self._call(method, *args)
+            except _Abandoned:
+                return
+            finally:
+                with self._ready:
+                    self._unmade -= 1
+            if method == "close":
+                return
 
 
 class ChunkEngine:
@@ -155,8 +225,9 @@ class ChunkEngine:
         # A place whose given-up call has run this long is skipped.
         self._stuck_after = deadline / 4
         self._disk_place = _Place("the disk cache")
-        self._writing = 0   # disk write threads running
-        self._left_alone = 0   # of them, those no longer waited for
+        self._writer_hop = _Hop(0, detached=True)
+        self._writer_hop.abandoned = True
+        self._writer = _DiskWriter(self._write_call)
         self._closing = False
         self._seed_places = [_Place(str(seed)) for seed in self.seeds]
         states = [_StoreState(s) for s in stores]
@@ -246,7 +317,7 @@ class ChunkEngine:
         error = None
         try:
             await self._load(wanted, mine, results, priority, on_arrival)
-            await self._flush_disk()
+            self._flush_disk()
         except CafuseError as e:
             error = e
             if isinstance(e, ChunkTimeout):
@@ -382,8 +453,6 @@ class ChunkEngine:
             if hop.finished:
                 return None
             hop.abandoned = True
-            if hop.detached:
-                self._left_alone += 1
             within = hop.within
             if within is not None:
                 place, began = within
@@ -660,45 +729,30 @@ class ChunkEngine:
             return e
 
     async def _put_disk(self, chunks):
-        """Keep chunks (``(id, data, store position)``) from remote stores
-        in the disk cache (local ones are close enough), even when the load
-        they came with is cancelled meanwhile."""
-        remote = [(cid, data) for cid, data, position in chunks
-                  if not self._far_stores[position].store.blocking]
-        if remote:
-            with trio.CancelScope(shield=True):
-                await self._write_disk("put", remote)
-
-    async def _flush_disk(self):
-        if self.disk is not None and self.disk.flush_due():
-            await self._write_disk("flush", [()])
-
-    async def _write_disk(self, method, calls, wait=DISK_WRITE_WAIT):
-        """Disk cache writes (``method`` with each of ``calls``' arguments)
-        in a worker thread, waited for ``wait`` seconds at most (or a
-        quarter of the deadline, if less), then left to go on alone: like
-        a read, a write to a cache on a hung NFS server must not hold its
-        reader for ever, and once one has run for a quarter of the
-        deadline the cache counts as stuck."""
-        # One write going on alone at a time: while the disk is slower than
-        # the stores, what does not keep up is not cached.
-        if self.disk is None or self._stuck(self._disk_place) \
-                or (self._left_alone and method != "close"):
+        """Queue chunks (``(id, data, store position)``) from remote stores
+        for the disk cache (local ones are close enough).  While the queue
+        is full, wait for room: a disk slower than the stores slows loads
+        down to its pace rather than lose chunks, unless it counts as stuck
+        (then nothing more is cached)."""
+        if self.disk is None or self._stuck(self._disk_place):
             return
-        hop = _Hop(0, detached=True)
+        for cid, data, position in chunks:
+            if self._far_stores[position].store.blocking:
+                continue
+            while not self._writer.submit("put", cid, data, size=len(data)):
+                if self.disk is None or self._writer.closed or self._stuck(self._disk_place):
+                    return
+                await trio.sleep(DISK_QUEUE_POLL)
 
-        def write():
-            with self._hop_lock:
-                self._writing += 1
-            try:
-                for args in calls:
-                    self._near_call(hop, self._disk_place, self._disk_call, method, *args)
-            finally:
-                with self._hop_lock:
-                    self._writing -= 1
-                    if hop.abandoned:
-                        self._left_alone -= 1
-        await self._in_thread(hop, write, min(self._stuck_after, wait))
+    def _flush_disk(self):
+        if self.disk is not None and self.disk.flush_due():
+            self._writer.submit("flush")
+
+    def _write_call(self, method, *args):
+        """A call of the disk writer, counted against the disk cache while
+        it runs: once one has run for a quarter of the deadline, the cache
+        counts as stuck (a hung NFS home directory)."""
+        self._near_call(self._writer_hop, self._disk_place, self._disk_call, method, *args)
 
     def _disk_call(self, method, *args):
         """A disk cache call (in a worker thread); a failure is a miss, or
@@ -769,17 +823,20 @@ class ChunkEngine:
         slow fetches hang keeps what it had fetched."""
         while True:
             await trio.sleep(0.25)
-            await self._flush_disk()
+            self._flush_disk()
 
     async def aclose(self) -> None:
         for state in self._near_stores + self._far_stores:
             await state.store.aclose()
         for seed in self.seeds:
             seed.close()
-        # Writes left to go on alone end first (the close commits them), and
-        # the close is waited for: the process may end right after it.
-        with trio.move_on_after(self._stuck_after):
-            while self._writing and not self._stuck(self._disk_place):
+        self._writer.close()
+        if self.disk is None:
+            return
+        # The writer's queue and its last call, the cache's close, are
+        # waited for (the process may end right after), unless the cache
+        # is stuck: half the deadline in all.
+        with trio.move_on_after(2 * self._stuck_after):
+            while self._writer.running() and not self._stuck(self._disk_place):
                 await trio.sleep(0.01)
-        self._closing = True     # writes still going on stop at their next call
-        await self._write_disk("close", [()], wait=self._stuck_after)
+        self._closing = True     # a writer still going stops at its next call
