@@ -205,9 +205,7 @@ def _add_http(parser):
 def _add_sources(parser, index_help=".caidx or .caibx (path or http(s) URL), or a .catar file"):
     parser.add_argument("-s", "--store", action="append", default=[], metavar="STORE",
                         help="chunk store: directory or http(s) URL; repeat to try "
-                        "several in order (a remote store that has not answered within "
-                        "a quarter of --deadline, or --timeout if less, is asked again "
-                        "along with the next) (default: $CASYNC_STORE, else default.castr "
+                        "several in order (default: $CASYNC_STORE, else default.castr "
                         "next to INDEX)")
     parser.add_argument("--seed", action="append", default=[], metavar="INDEX[:FILE]",
                         help="read chunks that this local index describes from FILE "

@@ -7,9 +7,7 @@ store is verified against its id before it is cached or returned.
 Concurrent requests for one chunk share one load.  A store that looks down
 (after its own retries) is set aside for a back-off period while another
 store is left, so one dead mirror costs one deadline, not one per chunk; it
-is tried again when the period ends.  A remote store that lags (no answer
-within a quarter of the deadline) is asked again along with the next
-stores; the first copy that verifies wins.  The disk cache, a seed or a local
+is tried again when the period ends.  The disk cache, a seed or a local
 store (read in worker threads, which a hung NFS server never lets go) is
 skipped while a read from it that was given up on has run for a quarter
 of the deadline, until those reads return.  A chunk that no source can
@@ -80,7 +78,6 @@ class _StoreState:
         self.store = store
         self.place = _Place(str(store))   # as a local store read in a hop
         self.down_until = 0.0
-        self.answers = 0                  # fetches it answered (found or not)
         self._fetches: set[trio.CancelScope] = set()
 
     def available(self) -> bool:
@@ -545,7 +542,7 @@ class ChunkEngine:
 
         async def fetch(k, problems):
             position, found = await self._fetch_with_deadline(
-                wanted[k], problems, 0, priority[wanted[k][0]], until)
+                wanted[k][0], problems, 0, priority[wanted[k][0]], until)
             arrived_in.send_nowait((k, problems, position, found))
 
         async def again(k, problems, position, error):
@@ -592,7 +589,7 @@ class ChunkEngine:
             store = self._far_stores[position].store
             problems.append(f"{error} ({store})")
             log.warning("%s (store %s)", error, store)
-            position, found = await self._fetch_with_deadline(want, problems, position + 1,
+            position, found = await self._fetch_with_deadline(want[0], problems, position + 1,
                                                               priority, until)
             outcome = await trio.to_thread.run_sync(self._decode, want, position, found,
                                                     limiter=self._limiter)
@@ -601,12 +598,12 @@ class ChunkEngine:
                 return outcome, position
             error = outcome
 
-    async def _fetch_with_deadline(self, want, problems, start, priority, until):
+    async def _fetch_with_deadline(self, chunk_id, problems, start, priority, until):
         with trio.move_on_at(until):
-            return await self._fetch(want, problems, start, priority)
+            return await self._fetch(chunk_id, problems, start, priority)
         problems.append(f"not delivered within {self.deadline:g} s")
-        message = f"chunk {want[0].hex()}: " + "; ".join(problems)
-        self._remember_failure(want[0], priority, message)
+        message = f"chunk {chunk_id.hex()}: " + "; ".join(problems)
+        self._remember_failure(chunk_id, priority, message)
         raise ChunkTimeout(message)
 
     def _remember_failure(self, chunk_id, priority, message):
@@ -617,7 +614,7 @@ class ChunkEngine:
             self._failed.expire()
             self._failed[chunk_id] = message
 
-    async def _fetch(self, want, problems, start, priority):
+    async def _fetch(self, chunk_id, problems, start, priority):
         """(store position, (raw bytes, compressed)) from the first of the
         remaining stores, from ``start`` on, that has the chunk."""
         for position in range(start, len(self._far_stores)):
@@ -625,98 +622,26 @@ class ChunkEngine:
             if not state.available():
                 problems.append(f"{state.store} set aside after errors")
                 continue
-            if state.store.blocking or not any(
-                    other.available() for other in self._far_stores[position + 1:]):
-                found = await self._ask(state, want[0], problems, priority)
-            else:
-                since, answers = trio.current_time(), state.answers
-                with trio.move_on_at(since + self._hedge_after(state)) as alone:
-                    found = await self._ask(state, want[0], problems, priority)
-                if alone.cancelled_caught:
-                    return await self._race(want, problems, position, priority,
-                                            since, answers)
-            if found is not None:
-                return position, found
-        raise ChunkError(f"chunk {want[0].hex()}: " + "; ".join(problems or ["no stores"]))
-
-    async def _ask(self, state, chunk_id, problems, priority):
-        """The chunk from one store, or None (and why, in ``problems``)."""
-        try:
-            if state.store.blocking:
-                found = await trio.to_thread.run_sync(state.store.load, chunk_id,
-                                                      limiter=self._far_local_limiter,
-                                                      abandon_on_cancel=True)
-            else:
-                with state.fetching() as scope:
-                    found = await state.store.fetch(chunk_id, priority)
-                if scope.cancelled_caught:
-                    problems.append(f"{state.store} set aside after errors")
-                    return None
-                state.answers += 1
-        except CafuseError as e:
-            self._set_aside(state, e)
-            problems.append(str(e))
-            return None
-        if found is None:
-            problems.append(f"missing from {state.store}")
-        return found
-
-    async def _race(self, want, problems, position, priority, since, answers):
-        """After the remote store at ``position`` gave no answer in time:
-        that store again and the next ones, concurrently; the first copy
-        that verifies wins (a quick corrupt copy must not beat a slow good
-        one).  (Asked again rather than waited for: that takes a task per
-        chunk, which costs the event loop, where a store that lags is rare.)
-        A store that answered nothing at all since ``since`` while another
-        delivered looks hung: it is set aside, and its queued fetches move
-        on."""
-        state = self._far_stores[position]
-        won, asking = None, True
-
-        async def verified(at, found):
-            nonlocal won
-            outcome = await trio.to_thread.run_sync(self._decode, want, at, found,
-                                                    limiter=self._limiter)
-            if isinstance(outcome, ChunkError):
-                problems.append(f"{outcome} ({self._far_stores[at].store})")
-                log.warning("%s (store %s)", outcome, self._far_stores[at].store)
-                return False
-            won = at, found
-            race.cancel_scope.cancel()
-            return True
-
-        async def again():
-            nonlocal asking
-            found = await self._ask(state, want[0], problems, priority)
-            asking = False
-            if found is not None:
-                await verified(position, found)
-
-        async def others():
-            start = position + 1
-            while start < len(self._far_stores):
-                try:
-                    at, found = await self._fetch(want, problems, start, priority)
-                except ChunkError:
-                    return
-                if await verified(at, found):
-                    return
-                start = at + 1
-
-        async with trio.open_nursery() as race:
-            race.start_soon(again)
-            race.start_soon(others)
-        if won is None:
-            raise ChunkError(f"chunk {want[0].hex()}: " + "; ".join(problems))
-        if asking and state.answers == answers:
-            self._put_aside(state, f"{state.store}: no answer within "
-                                   f"{trio.current_time() - since:.1f} s")
-        return won
-
-    def _hedge_after(self, state):
-        """How long a remote store has alone before the next are asked too:
-        a quarter of the deadline, or one request's timeout if less."""
-        return min(self.deadline / 4, getattr(state.store, "timeout", self.deadline))
+            try:
+                if state.store.blocking:
+                    found = await trio.to_thread.run_sync(state.store.load, chunk_id,
+                                                          limiter=self._far_local_limiter,
+                                                          abandon_on_cancel=True)
+                else:
+                    with state.fetching() as scope:
+                        found = await state.store.fetch(chunk_id, priority)
+                    if scope.cancelled_caught:
+                        problems.append(f"{state.store} set aside after errors")
+                        continue
+            except CafuseError as e:
+                self._set_aside(state, e)
+                problems.append(str(e))
+                continue
+            if found is None:
+                problems.append(f"missing from {state.store}")
+                continue
+            return position, found
+        raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems or ["no stores"]))
 
     def _decode(self, want, position, found):
         """Decode and verify a fetched chunk (blocking, in a thread); the
@@ -800,18 +725,15 @@ class ChunkEngine:
         """After ``error`` (its own retries spent), skip a store that looks
         down (no connection, timeouts, 5xx) for a while, so a dead mirror
         costs one deadline, not one per chunk.  An answer about one chunk
-        (a 403, a body too large) says nothing of the others."""
-        if getattr(error, "retryable", False):
-            self._put_aside(state, str(error))
-
-    def _put_aside(self, state, why):
-        """The last store left is never skipped: there is nothing to skip
-        to, and its next answer may well be a good one."""
-        if not state.available() or not any(
-                other.available() for other in self._far_stores if other is not state):
+        (a 403, a body too large) says nothing of the others; and the last
+        store left is never skipped: there is nothing to skip to, and its
+        next answer may well be a good one."""
+        if not getattr(error, "retryable", False):
+            return
+        if not any(other.available() for other in self._far_stores if other is not state):
             return
         state.set_aside(self.backoff)
-        log.warning("%s; setting store %s aside for %g s", why, state.store, self.backoff)
+        log.warning("%s; setting store %s aside for %g s", error, state.store, self.backoff)
 
     def _account(self, source, raw_size=0):
         self.stats.sources[source] += 1

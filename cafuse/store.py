@@ -79,10 +79,6 @@ class HTTPStore:
     def __str__(self) -> str:
         return self.url
 
-    @property
-    def timeout(self) -> float:
-        return self.options.timeout
-
     async def fetch(self, chunk_id: bytes,
                     priority: Priority | None = None) -> tuple[bytes, bool] | None:
         """The compressed chunk, or None on 404/410.  Connection errors,
