@@ -537,13 +537,19 @@ class ChunkEngine:
         arrived in one worker-thread hop per group (a hop per chunk costs
         the event loop, which is what bounds remote fetching).  A chunk that
         does not decode to its id is fetched again from the next store.
-        All of it ends at ``until``, the load's deadline."""
+        All of it ends at ``until``, the load's deadline.  A chunk that
+        cannot be had fails the load once the chunks that arrived before
+        it are decoded and cached."""
         arrived_in, arrived = trio.open_memory_channel(len(far))
 
         async def fetch(k, problems):
-            position, found = await self._fetch_with_deadline(
-                wanted[k][0], problems, 0, priority[wanted[k][0]], until)
-            arrived_in.send_nowait((k, problems, position, found))
+            try:
+                position, found = await self._fetch_with_deadline(
+                    wanted[k][0], problems, 0, priority[wanted[k][0]], until)
+            except CafuseError as e:
+                arrived_in.send_nowait((k, problems, None, e))
+            else:
+                arrived_in.send_nowait((k, problems, position, found))
 
         async def again(k, problems, position, error):
             results[k], position = await self._far_again(
@@ -561,6 +567,9 @@ class ChunkEngine:
                     except trio.WouldBlock:
                         break
                 left -= len(group)
+                failures = [found for _k, _problems, position, found in group
+                            if position is None]
+                group = [item for item in group if item[2] is not None]
                 outcomes = await trio.to_thread.run_sync(
                     lambda: [self._decode(wanted[k], position, found)
                              for k, _problems, position, found in group],
@@ -575,6 +584,8 @@ class ChunkEngine:
                     on_arrival(wanted[k][0], outcome)
                     delivered.append((wanted[k][0], outcome, position))
                 await self._put_disk(delivered)
+                if failures:
+                    raise failures[0]
 
         with single_errors():
             async with trio.open_nursery() as nursery:

@@ -923,3 +923,31 @@ async def test_loads_wait_for_room_while_the_disk_writer_is_a_queue_behind(
     await written(eng)
     await eng.aclose()
     assert cached(tmp_path).present([cid for cid, _ in chunks]) == {cid for cid, _ in chunks}
+
+
+class Staggered(Store):
+    """Serves each chunk after its own delay; refuses ``refused``."""
+
+    def __init__(self, chunks, delays, refused):
+        super().__init__("remote", chunks)
+        self.delays, self.refused = delays, refused
+
+    async def fetch(self, cid, priority=None):
+        await trio.sleep(self.delays.get(cid, 0))
+        if cid == self.refused:
+            raise HTTPError("HTTP 403", retryable=False)
+        return await super().fetch(cid, priority)
+
+
+async def test_chunks_still_to_be_decoded_are_cached_when_their_load_fails(tmp_path):
+    good, (bad, dbad) = [chunk(n) for n in range(3)], chunk(9)
+    # The first chunk's decoding takes 0.2 s; meanwhile the others arrive,
+    # and then the refusal.
+    delays = {good[1][0]: 0.05, good[2][0]: 0.05, bad: 0.1}
+    eng = engine([Staggered(good + [(bad, dbad)], delays, bad)],
+                 disk=DiskCache(str(tmp_path), 1 << 20))
+    slow_decode(eng, 0.2)
+    with pytest.raises(ChunkError, match="403"):
+        await eng.get_many([_want(c) for c in good] + [(bad, len(dbad))], remember=False)
+    await eng.aclose()
+    assert cached(tmp_path).present([cid for cid, _ in good]) == {cid for cid, _ in good}
