@@ -189,7 +189,8 @@ def _add_http(parser):
                        "a connection (default: 10)")
     group.add_argument("--retries", type=COUNT, default=3, metavar="N",
                        help="tries again after connection errors, timeouts, 5xx "
-                       "and 429, with exponential back-off (default: 3)")
+                       "and 429, with exponential back-off; a timeout only on the "
+                       "last store left (default: 3)")
     group.add_argument("--connections", type=POSITIVE_COUNT, default=16, metavar="N",
                        help="requests in flight per store (default: 16)")
     group.add_argument("-H", "--header", type=parse_header, action="append", default=[],

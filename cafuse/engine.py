@@ -78,6 +78,7 @@ class _StoreState:
         self.store = store
         self.place = _Place(str(store))   # as a local store read in a hop
         self.down_until = 0.0
+        self.answers = 0                  # fetches it answered (found or not)
         self._fetches: set[trio.CancelScope] = set()
 
     def available(self) -> bool:
@@ -633,19 +634,26 @@ class ChunkEngine:
             if not state.available():
                 problems.append(f"{state.store} set aside after errors")
                 continue
+            answers = state.answers
             try:
                 if state.store.blocking:
                     found = await trio.to_thread.run_sync(state.store.load, chunk_id,
                                                           limiter=self._far_local_limiter,
                                                           abandon_on_cancel=True)
                 else:
+                    others_left = any(other.available()
+                                      for other in self._far_stores[position + 1:])
                     with state.fetching() as scope:
-                        found = await state.store.fetch(chunk_id, priority)
+                        found = await state.store.fetch(chunk_id, priority, others_left)
                     if scope.cancelled_caught:
                         problems.append(f"{state.store} set aside after errors")
                         continue
+                    state.answers += 1
             except CafuseError as e:
-                self._set_aside(state, e)
+                # A store that answers other chunks meanwhile is not down:
+                # only this request got stuck.
+                if not (getattr(e, "timed_out", False) and state.answers != answers):
+                    self._set_aside(state, e)
                 problems.append(str(e))
                 continue
             if found is None:

@@ -23,11 +23,13 @@ _READ_SIZE = 256 * 1024
 
 class HTTPError(CafuseError):
     """A request that failed; ``retryable`` tells whether trying again (on
-    this server, later) may help."""
+    this server, later) may help, ``timed_out`` whether it got no answer in
+    time."""
 
-    def __init__(self, message: str, retryable: bool):
+    def __init__(self, message: str, retryable: bool, timed_out: bool = False):
         super().__init__(message)
         self.retryable = retryable
+        self.timed_out = timed_out
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,8 @@ class Client:
         """``get`` for a caller that holds a place in ``slots``."""
         with trio.move_on_after(timeout):
             return await self._get(path, f"{self.base_path}/{path}")
-        raise HTTPError(f"{self.url(path)}: no answer within {timeout:g} s", True)
+        raise HTTPError(f"{self.url(path)}: no answer within {timeout:g} s", True,
+                        timed_out=True)
 
     async def _get(self, path: str, target: str) -> Response:
         for attempt in range(2):

@@ -79,21 +79,25 @@ class HTTPStore:
     def __str__(self) -> str:
         return self.url
 
-    async def fetch(self, chunk_id: bytes,
-                    priority: Priority | None = None) -> tuple[bytes, bool] | None:
+    async def fetch(self, chunk_id: bytes, priority: Priority | None = None,
+                    others_left: bool = False) -> tuple[bytes, bool] | None:
         """The compressed chunk, or None on 404/410.  Connection errors,
         timeouts, 5xx and 429 are retried with exponential back-off and
-        jitter; what still fails raises HTTPError."""
+        jitter; what still fails raises HTTPError.  With ``others_left``
+        (another store would be asked next), a request that timed out is
+        not tried again: a hung server would keep the chunk for all its
+        tries, which may outlast the chunk's deadline."""
         return await fetch_with_retries(self.client, chunk_path(chunk_id) + SUFFIX,
-                                        self.options, missing_ok=True, priority=priority)
+                                        self.options, missing_ok=True, priority=priority,
+                                        retry_timeouts=not others_left)
 
     async def aclose(self) -> None:
         await self.client.aclose()
 
 
 async def fetch_with_retries(client: Client, path: str, options: HTTPOptions,
-                             missing_ok: bool,
-                             priority: Priority | None = None) -> tuple[bytes, bool] | None:
+                             missing_ok: bool, priority: Priority | None = None,
+                             retry_timeouts: bool = True) -> tuple[bytes, bool] | None:
     delay, attempt = options.backoff, 0
     # One place among the client's requests in flight for all the tries: a
     # try that queued again behind every other chunk would, on a dead store
@@ -112,7 +116,8 @@ async def fetch_with_retries(client: Client, path: str, options: HTTPOptions,
                     return None
                 retryable = response.status >= 500 or response.status == 429
                 error = HTTPError(f"{client.url(path)}: HTTP {response.status}", retryable)
-            if not error.retryable or attempt >= options.retries:
+            if not error.retryable or attempt >= options.retries \
+                    or (error.timed_out and not retry_timeouts):
                 raise error
             attempt += 1
             await trio.sleep(delay * (0.5 + random.random()))

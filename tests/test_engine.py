@@ -23,6 +23,7 @@ from cafuse.slots import Priority, Slots
 from cafuse.store import HTTPOptions, HTTPStore, LocalStore, chunk_path
 
 from memory import build_index
+from servers import FaultServer
 
 
 def chunk(n: int, size: int = 1000) -> tuple[bytes, bytes]:
@@ -42,7 +43,7 @@ class Store:
     def __str__(self):
         return self.name
 
-    async def fetch(self, cid, priority=None):
+    async def fetch(self, cid, priority=None, others_left=False):
         self.calls.append(cid)
         what = self.fault(cid, self.calls.count(cid))
         if what == "stall":
@@ -108,26 +109,82 @@ async def test_a_store_that_looks_down_is_skipped_while_another_is_left():
     assert len(dead.calls) == calls              # set aside: not asked again
 
 
-async def test_a_dead_store_with_a_queue_is_set_aside_within_the_deadline(tmp_path):
-    # More chunks than connections: the first requests must run out of
-    # tries (a retry keeps its connection slot, not queue again behind the
-    # others) so that the store is set aside before the chunks' deadline.
-    chunks = [chunk(n) for n in range(8)]
+async def behind_a_hung_store(tmp_path, chunks, options, deadline):
+    """``chunks`` got from a hung HTTP store (it connects, never answers)
+    followed by a local store that has them."""
     for cid, data in chunks:
         path = tmp_path / chunk_path(cid)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-    with socket.socket() as hole:                 # connects, never answers
+    with socket.socket() as hole:
         hole.bind(("127.0.0.1", 0))
         hole.listen(64)
-        options = HTTPOptions(connections=2, timeout=0.2, retries=3, backoff=0.01)
         dead = HTTPStore(f"http://127.0.0.1:{hole.getsockname()[1]}", options)
-        eng = ChunkEngine([dead, LocalStore(str(tmp_path))], "sha256", deadline=1.5,
+        eng = ChunkEngine([dead, LocalStore(str(tmp_path))], "sha256", deadline=deadline,
                           backoff=60.0)
-        with trio.fail_after(5):
-            got = await eng.get_many([(cid, len(d)) for cid, d in chunks])
+        try:
+            return await eng.get_many([_want(c) for c in chunks])
+        finally:
+            await eng.aclose()
+
+
+async def test_a_dead_store_with_a_queue_is_set_aside_within_the_deadline(tmp_path):
+    # More chunks than connections: the first requests' failure sets the
+    # store aside, and the queued ones move on, before the chunks' deadline.
+    chunks = [chunk(n) for n in range(8)]
+    options = HTTPOptions(connections=2, timeout=0.2, retries=3, backoff=0.01)
+    with trio.fail_after(5):
+        assert await behind_a_hung_store(tmp_path, chunks, options, 1.5) == \
+            [d for _cid, d in chunks]
+
+
+async def test_a_hung_store_hands_its_chunk_on_after_one_timeout(tmp_path):
+    # Four tries of 0.4 s would outlast the 1 s deadline: with another
+    # store left, a request that timed out is not tried again.
+    chunks = [chunk(n) for n in range(4)]
+    options = HTTPOptions(timeout=0.4, retries=3, backoff=0.01)
+    with trio.fail_after(0.8):
+        assert await behind_a_hung_store(tmp_path, chunks, options, 1.0) == \
+            [d for _cid, d in chunks]
+
+
+@pytest.mark.parametrize("others_left", [False, True])
+async def test_a_timed_out_request_is_tried_again_only_with_no_other_store(
+        tmp_path, others_left):
+    (a, da), = [chunk(1)]
+    path = tmp_path / (chunk_path(a) + ".cacnk")   # served as it is: not decoded here
+    path.parent.mkdir(parents=True)
+    path.write_bytes(da)
+    with FaultServer(tmp_path, lambda path, count: "stall" if count == 1 else None) as server:
+        store = HTTPStore(server.url, HTTPOptions(timeout=0.3, retries=3, backoff=0.01))
+        if others_left:
+            with pytest.raises(HTTPError, match="no answer within 0.3 s"):
+                await store.fetch(a, others_left=True)
+        else:
+            assert await store.fetch(a) == (da, True)
+        await store.aclose()
+        assert server.total() == (1 if others_left else 2)
+
+
+async def test_a_store_that_answers_others_is_not_set_aside_for_one_stuck_request(tmp_path):
+    chunks = [chunk(n) for n in range(6)]
+    stuck = chunks[0][0]
+    for cid, data in chunks:
+        path = tmp_path / (chunk_path(cid) + ".cacnk")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    with FaultServer(tmp_path, lambda path, count: "stall" if stuck.hex() in path else None) \
+            as server:
+        options = HTTPOptions(timeout=0.3, retries=3, backoff=0.01)
+        busy = HTTPStore(server.url, options)
+        mirror = Store("mirror", chunks)
+        eng = engine([busy, mirror], deadline=2.0)
+        eng._decode = lambda want, position, found: found[0]    # served as they are
+        with trio.fail_after(1.5):
+            assert await eng.get_many([_want(c) for c in chunks]) == [d for _, d in chunks]
+        assert eng._far_stores[0].available()
+        assert eng.stats.sources[server.url] == 5 and eng.stats.sources["mirror"] == 1
         await eng.aclose()
-    assert got == [d for _cid, d in chunks]
 
 
 async def test_concurrent_readers_of_a_large_chunk_share_one_load():
@@ -278,7 +335,7 @@ class OneLineStore(Store):
         self.slots = Slots(1)
         self.asked = []
 
-    async def fetch(self, cid, priority=None):
+    async def fetch(self, cid, priority=None, others_left=False):
         self.asked.append(cid)
         async with self.slots.hold(priority or Priority()):
             return await super().fetch(cid)
@@ -381,7 +438,7 @@ def _corrupting(store):
     """``store.fetch``, but chunks its fault calls "corrupt" come back wrong."""
     fetch = store.fetch
 
-    async def corrupting(cid, priority=None):
+    async def corrupting(cid, priority=None, others_left=False):
         if store.fault(cid, 1) == "corrupt":
             await trio.sleep(0)
             return b"x" * len(store.chunks[cid]), False
@@ -823,7 +880,7 @@ class LateRefusal(Store):
         super().__init__("remote", chunks)
         self.refused = refused
 
-    async def fetch(self, cid, priority=None):
+    async def fetch(self, cid, priority=None, others_left=False):
         if cid == self.refused:
             await trio.sleep(0.08)
             raise HTTPError("HTTP 403", retryable=False)
@@ -932,7 +989,7 @@ class Staggered(Store):
         super().__init__("remote", chunks)
         self.delays, self.refused = delays, refused
 
-    async def fetch(self, cid, priority=None):
+    async def fetch(self, cid, priority=None, others_left=False):
         await trio.sleep(self.delays.get(cid, 0))
         if cid == self.refused:
             raise HTTPError("HTTP 403", retryable=False)
