@@ -129,8 +129,7 @@ class _Hop:
     abandoned thread still running keeps its limiter token, so the
     limiter is ``lent`` one more until the thread ends.  The disk
     writer's hop is ``detached``: abandoned from the start (nobody waits
-    for it), it goes on with its calls, each counted as given up, until
-    the engine closes."""
+    for it), it goes on with its calls, each counted as given up."""
     __slots__ = ("found", "started", "finished", "abandoned", "within", "lent", "detached")
 
     def __init__(self, n: int, detached: bool = False):
@@ -144,45 +143,55 @@ class _Hop:
 
 
 class _DiskWriter:
-    """The one thread that writes the disk cache, so that no reader waits
-    for a disk write: ``submit`` queues a call and returns, and the thread
-    makes the calls in order.  It holds DISK_QUEUE_BYTES of chunks at
-    most: ``submit`` says whether there was room.  ``call(method, *args)``
-    makes one call (blocking) and raises _Abandoned when the thread is to
-    stop."""
+    """The one thread that writes the disk cache: ``put`` queues a chunk
+    and returns, and the thread makes the calls in order.  The queue holds
+    DISK_QUEUE_BYTES of chunks at most (or one larger chunk): ``put`` says
+    whether there was room.  Flushes and the close are always taken, a
+    flush only when none is queued.  ``call(method, *args)`` makes one call
+    (blocking); a call that raises anything but a disk error (a bug) ends
+    the writer, and the cache is written no more."""
 
     def __init__(self, call):
         self._call = call
         self._calls = collections.deque()
         self._unmade = 0          # calls queued or being made
         self._bytes = 0
+        self._flush_queued = False
         self._ready = threading.Condition()
         self._thread = None
-        self._closed = False
+        self.closed = False       # no more calls are taken
 
-    def submit(self, method, *args, size=0) -> bool:
+    def put(self, chunk_id, data) -> bool:
         with self._ready:
-            if self._closed or (self._calls and self._bytes + size > DISK_QUEUE_BYTES):
+            if self._calls and self._bytes + len(data) > DISK_QUEUE_BYTES:
                 return False
-            self._calls.append((method, args, size))
-            self._unmade += 1
-            self._bytes += size
-            self._ready.notify()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="cafuse disk cache writer")
-                self._thread.start()
-        return True
+            return self._queue("put", (chunk_id, data), len(data))
+
+    def flush(self) -> None:
+        with self._ready:
+            if not self._flush_queued:
+                self._flush_queued = self._queue("flush", (), 0)
 
     def close(self) -> None:
-        """Queue the cache's close, the thread's last call."""
-        self.submit("close")
+        """Queue the cache's close, the last call."""
         with self._ready:
-            self._closed = True
+            self._queue("close", (), 0)
+            self.closed = True
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
+    def stop(self) -> None:
+        """End the thread (if any) with no more calls: the cache is gone."""
+        with self._ready:
+            self.closed = True
+            self._ready.notify()
+
+    def drop_puts(self) -> int:
+        """Forget the chunks still queued; how many there were."""
+        with self._ready:
+            kept = collections.deque(c for c in self._calls if c[0] != "put")
+            dropped = len(self._calls) - len(kept)
+            self._calls, self._bytes = kept, 0
+            self._unmade -= dropped
+        return dropped
 
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -192,20 +201,40 @@ class _DiskWriter:
         with self._ready:
             return not self._unmade
 
+    def _queue(self, method, args, size):
+        if self.closed:
+            return False
+        self._calls.append((method, args, size))
+        self._unmade += 1
+        self._bytes += size
+        self._ready.notify()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name="cafuse disk cache writer")
+            self._thread.start()
+        return True
+
     def _run(self):
         while True:
             with self._ready:
-                while not self._calls:
+                while not self._calls and not self.closed:
                     self._ready.wait()
+                if not self._calls:
+                    return
                 method, args, size = self._calls.popleft()
                 self._bytes -= size
+                self._flush_queued &= method != "flush"
             try:
                 self._call(method, *args)
-            except _Abandoned:
-                return
-            finally:
+            except Exception as e:
+                log.error("writing the disk cache failed: %r; it is written no more", e)
                 with self._ready:
-                    self._unmade -= 1
+                    self.closed = True
+                    self._calls.clear()
+                    self._unmade = 0
+                return
+            with self._ready:
+                self._unmade -= 1
             if method == "close":
                 return
 
@@ -226,7 +255,6 @@ class ChunkEngine:
         self._writer_hop = _Hop(0, detached=True)
         self._writer_hop.abandoned = True
         self._writer = _DiskWriter(self._write_call)
-        self._closing = False
         self._seed_places = [_Place(str(seed)) for seed in self.seeds]
         states = [_StoreState(s) for s in stores]
         # Local stores ahead of the first remote one are read in the same
@@ -517,7 +545,7 @@ class ChunkEngine:
         with self._hop_lock:
             now = time.monotonic()
             if hop.abandoned:
-                if not hop.detached or self._closing:
+                if not hop.detached:
                     raise _Abandoned
                 place.given_up[hop] = now
             hop.within = (place, now)
@@ -556,7 +584,7 @@ class ChunkEngine:
             results[k], position = await self._far_again(
                 wanted[k], problems, position, error, priority[wanted[k][0]], until)
             on_arrival(wanted[k][0], results[k])
-            await self._put_disk([(wanted[k][0], results[k], position)])
+            await self._put_disk([(wanted[k][0], results[k], position)], priority)
 
         async def decode_arrivals(nursery):
             left = len(far)
@@ -584,7 +612,7 @@ class ChunkEngine:
                     results[k] = outcome
                     on_arrival(wanted[k][0], outcome)
                     delivered.append((wanted[k][0], outcome, position))
-                await self._put_disk(delivered)
+                await self._put_disk(delivered, priority)
                 if failures:
                     raise failures[0]
 
@@ -672,25 +700,30 @@ class ChunkEngine:
         except ChunkError as e:
             return e
 
-    async def _put_disk(self, chunks):
+    async def _put_disk(self, chunks, priority):
         """Queue chunks (``(id, data, store position)``) from remote stores
         for the disk cache (local ones are close enough).  While the queue
-        is full, wait for room: a disk slower than the stores slows loads
-        down to its pace rather than lose chunks, unless it counts as stuck
-        (then nothing more is cached)."""
+        is full, a load nobody waits for (readahead, prefetch) waits for
+        room, so a disk slower than the stores slows it down to its pace
+        rather than lose chunks; a load a reader waits for does not, and
+        its chunks are not cached.  Nothing is queued once the cache counts
+        as stuck, nor after a load that waited went away."""
         if self.disk is None or self._stuck(self._disk_place):
             return
         for cid, data, position in chunks:
             if self._far_stores[position].store.blocking:
                 continue
-            while not self._writer.submit("put", cid, data, size=len(data)):
-                if self.disk is None or self._writer.closed or self._stuck(self._disk_place):
-                    return
+            while not self._writer.put(cid, data):
+                if priority[cid].urgent or self._writer.closed \
+                        or self._stuck(self._disk_place):
+                    log.debug("chunk %s not cached: the disk cache is behind", cid.hex())
+                    break
                 await trio.sleep(DISK_QUEUE_POLL)
 
     def _flush_disk(self):
-        if self.disk is not None and self.disk.flush_due():
-            self._writer.submit("flush")
+        if self.disk is not None and self.disk.flush_due() \
+                and not self._stuck(self._disk_place):
+            self._writer.flush()
 
     def _write_call(self, method, *args):
         """A call of the disk writer, counted against the disk cache while
@@ -771,13 +804,27 @@ class ChunkEngine:
             await state.store.aclose()
         for seed in self.seeds:
             seed.close()
-        self._writer.close()
         if self.disk is None:
+            self._writer.stop()
             return
-        # The writer's queue and its last call, the cache's close, are
+        # The writer's queue, then its last call, the cache's close, are
         # waited for (the process may end right after), unless the cache
-        # is stuck: half the deadline in all.
-        with trio.move_on_after(2 * self._stuck_after):
-            while self._writer.running() and not self._stuck(self._disk_place):
+        # is stuck: a quarter of the deadline, and as long again for the
+        # close once the chunks still queued are dropped.
+        self._writer.close()
+        if not await self._writer_done():
+            dropped = self._writer.drop_puts()
+            if dropped:
+                log.warning("the disk cache did not keep up: %d chunks not cached", dropped)
+            await self._writer_done()
+
+    async def _writer_done(self) -> bool:
+        """Wait for the writer's end, a quarter of the deadline at most,
+        and not while the cache is stuck."""
+        with trio.move_on_after(self._stuck_after):
+            while self._writer.running():
+                if self._stuck(self._disk_place):
+                    return False
                 await trio.sleep(0.01)
-        self._closing = True     # a writer still going stops at its next call
+            return True
+        return False

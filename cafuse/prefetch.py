@@ -23,7 +23,9 @@ async def prefetch(index: Index, engine: ChunkEngine, progress) -> list[str]:
 
     async def worker():
         for batch in batches:
-            await engine.get_many(batch, remember=False)
+            # Not urgent: nobody waits for a chunk, so a disk cache slower
+            # than the stores slows the fetching down to its pace.
+            await engine.get_many(batch, remember=False, urgent=False)
             done[0] += len(batch)
             done[1] += sum(size for _cid, size in batch)
 

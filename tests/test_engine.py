@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from cafuse.diskcache import DiskCache, DiskFull
-from cafuse.engine import DISK_FAILURES, FAILURE_MEMORY, ChunkEngine
+from cafuse.engine import DISK_FAILURES, FAILURE_MEMORY, ChunkEngine, _DiskWriter
 from cafuse.errors import CafuseError, ChunkError
 from cafuse.http import HTTPError
 from cafuse.index import Index
@@ -695,7 +695,9 @@ class HungDiskCache(DiskCache):
         self.hangs_in = hangs_in
 
     def present(self, ids):
-        return self._maybe_hang("present") or set()
+        if self.hangs_in == "present":
+            return self._maybe_hang("present")
+        return super().present(ids)
 
     def put(self, cid, data):
         self._maybe_hang("put")
@@ -771,8 +773,9 @@ async def test_a_hung_local_store_alone_names_the_chunk_it_gave_no_answer_for():
     await eng.aclose()
 
 
-async def test_a_disk_cache_that_hangs_in_a_write_costs_readers_nothing(tmp_path):
-    chunks = [chunk(n) for n in range(4)]
+async def test_a_disk_cache_that_hangs_in_a_write_costs_one_reader_half_the_deadline(
+        tmp_path):
+    chunks = [chunk(n) for n in range(5)]
     disk = HungDiskCache(str(tmp_path), hangs_in="put")
     eng = engine([Store("remote", chunks)], deadline=1.0, disk=disk, threads=1)
     took = []
@@ -780,10 +783,12 @@ async def test_a_disk_cache_that_hangs_in_a_write_costs_readers_nothing(tmp_path
         start = trio.current_time()
         assert await eng.get(x, len(dx)) == dx
         took.append(trio.current_time() - start)
-    assert max(took) < 0.2, took
+    # A reader's look into the cache waits for the lock the hung write
+    # holds, until its hop is given up; by then the cache counts as stuck.
+    assert max(took) < 0.7 and sorted(took)[-2] < 0.2, took
     start = trio.current_time()
-    await eng.aclose()                    # waits until the cache counts as stuck
-    assert trio.current_time() - start < 0.4
+    await eng.aclose()                    # not waited for: stuck
+    assert trio.current_time() - start < 0.1
 
 
 async def test_readers_sharing_a_load_get_its_chunk_before_its_disk_write(tmp_path):
@@ -896,16 +901,6 @@ async def test_chunks_that_arrived_are_cached_when_their_load_fails(tmp_path):
     assert cached(tmp_path).present([cid for cid, _ in good]) == {cid for cid, _ in good}
 
 
-async def test_a_reader_that_goes_away_waits_for_a_hung_disk_write_a_second_at_most(tmp_path):
-    chunks = [chunk(n) for n in range(4)]
-    eng = engine([Store("remote", chunks)], deadline=8.0,      # stuck after 2 s
-                 disk=HungDiskCache(str(tmp_path), hangs_in="put"))
-    start = trio.current_time()
-    with trio.move_on_after(0.2):              # Ctrl-C, an unmount
-        await eng.get_many([_want(c) for c in chunks])
-    assert trio.current_time() - start < 1.5
-    await eng.aclose()
-
 
 
 class SlowDiskCache(DiskCache):
@@ -954,18 +949,121 @@ async def test_a_disk_slower_than_the_stores_still_gets_every_chunk(tmp_path):
     assert cached(tmp_path).present([cid for cid, _ in chunks]) == {cid for cid, _ in chunks}
 
 
-async def test_a_disk_writer_still_going_at_the_close_stops_there(tmp_path, caplog):
-    chunks = [chunk(n) for n in range(40)]
-    eng = engine([Store("remote", chunks)], deadline=0.4,
-                 disk=SlowerDiskCache(str(tmp_path), put_takes=0.1))
-    assert await eng.get_many([_want(c) for c in chunks]) == [d for _, d in chunks]
+class TrackingSlowDisk(DiskCache):
+    """A slow disk that tells which chunks it has written."""
+
+    def __init__(self, path, put_takes):
+        super().__init__(path, 1 << 30)
+        self.put_takes, self.written = put_takes, []
+
+    def put(self, cid, data):
+        time.sleep(self.put_takes)
+        super().put(cid, data)
+        self.written.append(cid)
+
+
+async def test_a_close_that_cannot_wait_for_every_write_commits_those_made(tmp_path, caplog):
+    chunks = [chunk(n) for n in range(60)]
+    disk = TrackingSlowDisk(str(tmp_path), put_takes=0.01)      # 0.6 s of puts
+    eng = engine([Store("remote", chunks)], deadline=0.4, disk=disk)
+    await eng.get_many([_want(c) for c in chunks], urgent=False)
     start = trio.current_time()
-    await eng.aclose()                          # 4 s of puts queued: waited for 0.2 s
-    assert trio.current_time() - start < 0.5
-    with trio.fail_after(1):
-        while eng._writer.running():
-            await trio.sleep(0.01)
-    assert "closed database" not in caplog.text and "without the disk cache" not in caplog.text
+    await eng.aclose()                    # the writes waited for 0.1 s, then the close
+    assert trio.current_time() - start < 0.4 and not eng._writer.running()
+    written = set(disk.written)
+    assert 0 < len(written) < 60 and "chunks not cached" in caplog.text
+    assert cached(tmp_path).present([cid for cid, _ in chunks]) == written
+
+
+def test_the_close_is_queued_behind_a_chunk_larger_than_the_queue(monkeypatch):
+    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 4000)
+    go, made = threading.Event(), []
+
+    def call(method, *args):
+        go.wait(5)
+        made.append(method)
+    writer = _DiskWriter(call)
+    assert writer.put(b"a", b"x" * 1000)
+    give_up = time.monotonic() + 1
+    while writer._calls and time.monotonic() < give_up:
+        time.sleep(0.005)                 # being made: the queue is empty
+    assert writer.put(b"b", b"x" * 5000)  # taken alone
+    assert not writer.put(b"c", b"x" * 10)
+    writer.flush()
+    writer.flush()                        # one is enough
+    writer.close()
+    go.set()
+    writer._thread.join(1)
+    assert made == ["put", "put", "flush", "close"] and not writer.running()
+
+
+class BrokenDisk(DiskCache):
+    def put(self, cid, data):
+        raise RuntimeError("a bug")
+
+
+async def test_a_writer_ended_by_a_bug_holds_no_load_up(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 4000)
+    chunks = [chunk(n) for n in range(20)]
+    eng = engine([Store("remote", chunks)], deadline=0.5,
+                 disk=BrokenDisk(str(tmp_path), 1 << 20))
+    with trio.fail_after(3):
+        for c in chunks:
+            assert await eng.get_many([_want(c)], urgent=False) == [c[1]]
+    assert "writing the disk cache failed: RuntimeError('a bug')" in caplog.text
+    await eng.aclose()
+
+
+async def test_a_reader_never_waits_for_the_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 3000)
+    ahead = [chunk(n) for n in range(40)]
+    demand = [chunk(n) for n in range(100, 108)]
+    eng = engine([Store("remote", ahead + demand)], deadline=2.0,
+                 disk=SlowerDiskCache(str(tmp_path), put_takes=0.1))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: eng.get_many([_want(c) for c in ahead], urgent=False))
+        await trio.sleep(0.05)                  # the queue is full of readahead
+        start = trio.current_time()
+        assert await eng.get_many([_want(c) for c in demand]) == [d for _, d in demand]
+        assert trio.current_time() - start < 0.2
+        nursery.cancel_scope.cancel()
+    eng._writer.drop_puts()
+    await eng.aclose()
+
+
+class HangsOnSecondPut(DiskCache):
+    def __init__(self, path):
+        super().__init__(path, 1 << 20)
+        self.release, self.puts = threading.Event(), 0
+
+    def put(self, cid, data):
+        self.puts += 1
+        if self.puts == 1:
+            return super().put(cid, data)      # a row left to commit
+        with self._lock:
+            self.release.wait(5)
+
+
+async def test_nothing_is_queued_once_the_cache_counts_as_stuck(tmp_path):
+    chunks = [chunk(n) for n in range(2)]
+    disk = HangsOnSecondPut(str(tmp_path))
+    eng = engine([Store("remote", chunks)], deadline=0.4, disk=disk)
+    try:
+        for c in chunks:
+            await eng.get(*_want(c))
+        with trio.move_on_after(1.0):          # stuck after 0.1 s
+            await eng.maintain()
+        assert eng._stuck(eng._disk_place) and len(eng._writer._calls) <= 1
+    finally:
+        disk.release.set()
+    await eng.aclose()
+
+
+async def test_no_writer_thread_without_a_disk_cache():
+    eng = engine([Store("remote", [chunk(1)])])
+    await eng.get(*_want(chunk(1)))
+    await eng.aclose()
+    assert eng._writer._thread is None
 
 
 async def test_loads_wait_for_room_while_the_disk_writer_is_a_queue_behind(
@@ -975,7 +1073,8 @@ async def test_loads_wait_for_room_while_the_disk_writer_is_a_queue_behind(
     eng = engine([Store("remote", chunks)], deadline=2.0,
                  disk=SlowerDiskCache(str(tmp_path), put_takes=0.05))
     start = trio.current_time()
-    assert await eng.get_many([_want(c) for c in chunks]) == [d for _, d in chunks]
+    assert await eng.get_many([_want(c) for c in chunks], urgent=False) == \
+        [d for _, d in chunks]
     assert trio.current_time() - start > 0.3     # 7 or 8 puts' time at least
     await written(eng)
     await eng.aclose()
