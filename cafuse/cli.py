@@ -186,11 +186,12 @@ def _add_http(parser):
     group = parser.add_argument_group("HTTP(S) stores and index URLs")
     group.add_argument("--timeout", type=SECONDS, default=10.0, metavar="SECONDS",
                        help="deadline of one HTTP request, counted once it has "
-                       "a connection (default: 10)")
+                       "its place among the connections, connecting included "
+                       "(default: 10)")
     group.add_argument("--retries", type=COUNT, default=3, metavar="N",
                        help="tries again after connection errors, timeouts, 5xx "
-                       "and 429, with exponential back-off; a timeout only on the "
-                       "last store left (default: 3)")
+                       "and 429, with exponential back-off; a timed-out try goes "
+                       "first to the next store, if any (default: 3)")
     group.add_argument("--connections", type=POSITIVE_COUNT, default=16, metavar="N",
                        help="requests in flight per store (default: 16)")
     group.add_argument("-H", "--header", type=parse_header, action="append", default=[],

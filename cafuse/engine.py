@@ -17,6 +17,7 @@ deliver raises ChunkError naming the chunk and what each store said.
 import collections
 import contextlib
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -43,7 +44,7 @@ DISK_FAILURES = 3    # failed disk cache calls in a row before going on without 
 FAILURE_MEMORY = 1.0
 DISK_WARN_EVERY = 60.0  # seconds between warnings about the disk cache
 # Chunks waiting for the disk cache writer, at most: when the disk falls
-# this far behind the stores, loads wait for it.
+# this far behind the stores, loads nobody waits for wait for it.
 DISK_QUEUE_BYTES = 32 << 20
 DISK_QUEUE_POLL = 0.01  # seconds between looks for room in a full queue
 _DISK_READS = frozenset({"get", "present"})
@@ -78,7 +79,7 @@ class _StoreState:
         self.store = store
         self.place = _Place(str(store))   # as a local store read in a hop
         self.down_until = 0.0
-        self.answers = 0                  # fetches it answered (found or not)
+        self.answered = -math.inf        # when it last answered a fetch (trio's clock)
         self._fetches: set[trio.CancelScope] = set()
 
     def available(self) -> bool:
@@ -117,6 +118,9 @@ class _Shared:
         self.error = None
 
 
+_STALLED = object()   # what _ask says of a store whose try timed out
+
+
 class _Abandoned(Exception):
     """Raised in a hop's thread once the event loop has given up on it."""
 
@@ -149,7 +153,8 @@ class _DiskWriter:
     whether there was room.  Flushes and the close are always taken, a
     flush only when none is queued.  ``call(method, *args)`` makes one call
     (blocking); a call that raises anything but a disk error (a bug) ends
-    the writer, and the cache is written no more."""
+    the writer, and the cache is written no more (but closed, so that
+    what was written before is committed)."""
 
     def __init__(self, call):
         self._call = call
@@ -179,7 +184,8 @@ class _DiskWriter:
             self.closed = True
 
     def stop(self) -> None:
-        """End the thread (if any) with no more calls: the cache is gone."""
+        """End the thread (if any) once the calls queued are made (they do
+        nothing: the cache is gone)."""
         with self._ready:
             self.closed = True
             self._ready.notify()
@@ -200,6 +206,13 @@ class _DiskWriter:
         """Whether every call queued so far has been made."""
         with self._ready:
             return not self._unmade
+
+    def _close_after_a_bug(self):
+        """Still commit what was written before."""
+        try:
+            self._call("close")
+        except Exception as e:
+            log.error("closing the disk cache failed: %r", e)
 
     def _queue(self, method, args, size):
         if self.closed:
@@ -232,6 +245,8 @@ class _DiskWriter:
                     self.closed = True
                     self._calls.clear()
                     self._unmade = 0
+                if method != "close":
+                    self._close_after_a_bug()
                 return
             with self._ready:
                 self._unmade -= 1
@@ -569,7 +584,18 @@ class ChunkEngine:
         All of it ends at ``until``, the load's deadline.  A chunk that
         cannot be had fails the load once the chunks that arrived before
         it are decoded and cached."""
-        arrived_in, arrived = trio.open_memory_channel(len(far))
+        # A fetch tells its chunk or its error; a chunk fetched again after
+        # a corrupt copy (``again``) tells its error, or that it is done.
+        arrived_in, arrived = trio.open_memory_channel(2 * len(far))
+        # Nobody waits for this load (readahead, prefetch): a disk slower
+        # than the stores may slow it down, but not the readers who join it.
+        patient = not any(priority[wanted[k][0]].urgent for k, _problems in far)
+
+        def keep(delivered):
+            if patient:
+                nursery.start_soon(self._put_disk_patiently, delivered)
+            else:
+                self._put_disk(delivered)
 
         async def fetch(k, problems):
             try:
@@ -581,10 +607,15 @@ class ChunkEngine:
                 arrived_in.send_nowait((k, problems, position, found))
 
         async def again(k, problems, position, error):
-            results[k], position = await self._far_again(
-                wanted[k], problems, position, error, priority[wanted[k][0]], until)
+            try:
+                results[k], position = await self._far_again(
+                    wanted[k], problems, position, error, priority[wanted[k][0]], until)
+            except CafuseError as e:
+                arrived_in.send_nowait((k, problems, None, e))
+                return
             on_arrival(wanted[k][0], results[k])
-            await self._put_disk([(wanted[k][0], results[k], position)], priority)
+            keep([(wanted[k][0], results[k], position)])
+            arrived_in.send_nowait((k, problems, None, None))
 
         async def decode_arrivals(nursery):
             left = len(far)
@@ -597,22 +628,23 @@ class ChunkEngine:
                         break
                 left -= len(group)
                 failures = [found for _k, _problems, position, found in group
-                            if position is None]
+                            if position is None and found is not None]
                 group = [item for item in group if item[2] is not None]
                 outcomes = await trio.to_thread.run_sync(
                     lambda: [self._decode(wanted[k], position, found)
                              for k, _problems, position, found in group],
-                    limiter=self._limiter)
+                    limiter=self._limiter) if group else []
                 delivered = []
                 for (k, problems, position, found), outcome in zip(group, outcomes):
                     if isinstance(outcome, ChunkError):  # not to hold up the others
                         nursery.start_soon(again, k, problems, position, outcome)
+                        left += 1
                         continue
                     self._account(str(self._far_stores[position].store), len(found[0]))
                     results[k] = outcome
                     on_arrival(wanted[k][0], outcome)
                     delivered.append((wanted[k][0], outcome, position))
-                await self._put_disk(delivered, priority)
+                keep(delivered)
                 if failures:
                     raise failures[0]
 
@@ -656,39 +688,54 @@ class ChunkEngine:
 
     async def _fetch(self, chunk_id, problems, start, priority):
         """(store position, (raw bytes, compressed)) from the first of the
-        remaining stores, from ``start`` on, that has the chunk."""
+        remaining stores, from ``start`` on, that has the chunk.  A store
+        whose try timed out while others were left gets its full tries
+        after them, if none of them had the chunk."""
+        stalled = []
         for position in range(start, len(self._far_stores)):
             state = self._far_stores[position]
             if not state.available():
                 problems.append(f"{state.store} set aside after errors")
                 continue
-            answers = state.answers
-            try:
-                if state.store.blocking:
-                    found = await trio.to_thread.run_sync(state.store.load, chunk_id,
-                                                          limiter=self._far_local_limiter,
-                                                          abandon_on_cancel=True)
-                else:
-                    others_left = any(other.available()
-                                      for other in self._far_stores[position + 1:])
-                    with state.fetching() as scope:
-                        found = await state.store.fetch(chunk_id, priority, others_left)
-                    if scope.cancelled_caught:
-                        problems.append(f"{state.store} set aside after errors")
-                        continue
-                    state.answers += 1
-            except CafuseError as e:
-                # A store that answers other chunks meanwhile is not down:
-                # only this request got stuck.
-                if not (getattr(e, "timed_out", False) and state.answers != answers):
-                    self._set_aside(state, e)
-                problems.append(str(e))
-                continue
-            if found is None:
-                problems.append(f"missing from {state.store}")
-                continue
-            return position, found
+            others_left = any(other.available() for other in self._far_stores[position + 1:])
+            found = await self._ask(state, chunk_id, problems, priority, others_left)
+            if found is _STALLED:
+                stalled.append(position)
+            elif found is not None:
+                return position, found
+        for position in stalled:
+            found = await self._ask(self._far_stores[position], chunk_id, problems, priority,
+                                    others_left=False)
+            if found is not None:
+                return position, found
         raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems or ["no stores"]))
+
+    async def _ask(self, state, chunk_id, problems, priority, others_left):
+        """The chunk from one store; None (and why, in ``problems``) if it
+        has not got it, _STALLED if a try timed out while ``others_left``."""
+        try:
+            if state.store.blocking:
+                found = await trio.to_thread.run_sync(state.store.load, chunk_id,
+                                                      limiter=self._far_local_limiter,
+                                                      abandon_on_cancel=True)
+            else:
+                with state.fetching() as scope:
+                    found = await state.store.fetch(chunk_id, priority, others_left)
+                if scope.cancelled_caught:
+                    problems.append(f"{state.store} set aside after errors")
+                    return None
+                state.answered = trio.current_time()
+        except CafuseError as e:
+            problems.append(str(e))
+            stalled = getattr(e, "timed_out", False) and others_left
+            # A store that answered another chunk since the try began is
+            # not down: only this request got stuck.
+            if not (stalled and state.answered > e.began):
+                self._set_aside(state, e)
+            return _STALLED if stalled else None
+        if found is None:
+            problems.append(f"missing from {state.store}")
+        return found
 
     def _decode(self, want, position, found):
         """Decode and verify a fetched chunk (blocking, in a thread); the
@@ -700,25 +747,26 @@ class ChunkEngine:
         except ChunkError as e:
             return e
 
-    async def _put_disk(self, chunks, priority):
+    def _put_disk(self, chunks):
         """Queue chunks (``(id, data, store position)``) from remote stores
-        for the disk cache (local ones are close enough).  While the queue
-        is full, a load nobody waits for (readahead, prefetch) waits for
-        room, so a disk slower than the stores slows it down to its pace
-        rather than lose chunks; a load a reader waits for does not, and
-        its chunks are not cached.  Nothing is queued once the cache counts
-        as stuck, nor after a load that waited went away."""
-        if self.disk is None or self._stuck(self._disk_place):
-            return
-        for cid, data, position in chunks:
-            if self._far_stores[position].store.blocking:
-                continue
-            while not self._writer.put(cid, data):
-                if priority[cid].urgent or self._writer.closed \
-                        or self._stuck(self._disk_place):
-                    log.debug("chunk %s not cached: the disk cache is behind", cid.hex())
-                    break
-                await trio.sleep(DISK_QUEUE_POLL)
+        for the disk cache (local ones are close enough); those the full
+        queue did not take.  Nothing is queued once the cache counts as
+        stuck."""
+        if self.disk is None or self._writer.closed or self._stuck(self._disk_place):
+            return []
+        left = [(cid, data, position) for cid, data, position in chunks
+                if not self._far_stores[position].store.blocking]
+        while left and self._writer.put(left[0][0], left[0][1]):
+            del left[0]
+        return left
+
+    async def _put_disk_patiently(self, chunks):
+        """``_put_disk``, waiting for room in the queue: a disk slower than
+        the stores slows the load down to its pace rather than lose chunks
+        (unless the load goes away)."""
+        while left := self._put_disk(chunks):
+            await trio.sleep(DISK_QUEUE_POLL)
+            chunks = left
 
     def _flush_disk(self):
         if self.disk is not None and self.disk.flush_due() \

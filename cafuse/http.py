@@ -23,13 +23,17 @@ _READ_SIZE = 256 * 1024
 
 class HTTPError(CafuseError):
     """A request that failed; ``retryable`` tells whether trying again (on
-    this server, later) may help, ``timed_out`` whether it got no answer in
-    time."""
+    this server, later) may help.  One that got no answer in time tells
+    when that try ``began`` (trio's clock)."""
 
-    def __init__(self, message: str, retryable: bool, timed_out: bool = False):
+    def __init__(self, message: str, retryable: bool, began: float | None = None):
         super().__init__(message)
         self.retryable = retryable
-        self.timed_out = timed_out
+        self.began = began
+
+    @property
+    def timed_out(self) -> bool:
+        return self.began is not None
 
 
 @dataclass(frozen=True)
@@ -155,10 +159,10 @@ class Client:
 
     async def get_in_slot(self, path: str, timeout: float = math.inf) -> Response:
         """``get`` for a caller that holds a place in ``slots``."""
+        began = trio.current_time()
         with trio.move_on_after(timeout):
             return await self._get(path, f"{self.base_path}/{path}")
-        raise HTTPError(f"{self.url(path)}: no answer within {timeout:g} s", True,
-                        timed_out=True)
+        raise HTTPError(f"{self.url(path)}: no answer within {timeout:g} s", True, began)
 
     async def _get(self, path: str, target: str) -> Response:
         for attempt in range(2):

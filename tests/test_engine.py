@@ -57,6 +57,24 @@ class Store:
         pass
 
 
+class Staggered(Store):
+    """Serves each chunk after its own delay (``delays``, else ``rest``);
+    refuses ``refused`` and serves ``corrupt`` wrong, if any."""
+
+    def __init__(self, chunks, delays, refused=None, corrupt=None, rest=0.0, name="remote"):
+        super().__init__(name, chunks)
+        self.delays, self.refused, self.corrupt, self.rest = delays, refused, corrupt, rest
+
+    async def fetch(self, cid, priority=None, others_left=False):
+        self.calls.append(cid)
+        await trio.sleep(self.delays.get(cid, self.rest))
+        if cid == self.refused:
+            raise HTTPError("HTTP 403", retryable=False)
+        if cid == self.corrupt:
+            return b"garbage", False
+        return (self.chunks[cid], False) if cid in self.chunks else None
+
+
 def engine(stores, deadline=10.0, **kw):
     return ChunkEngine(stores, "sha256", backoff=60.0, deadline=deadline, **kw)
 
@@ -185,6 +203,69 @@ async def test_a_store_that_answers_others_is_not_set_aside_for_one_stuck_reques
         assert eng._far_stores[0].available()
         assert eng.stats.sources[server.url] == 5 and eng.stats.sources["mirror"] == 1
         await eng.aclose()
+
+
+def served_as_cacnk(tmp_path, chunks):
+    """``chunks`` as an HTTP store's files, served as they are (the
+    engine's decoding is then skipped with ``as_served``)."""
+    for cid, data in chunks:
+        path = tmp_path / (chunk_path(cid) + ".cacnk")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+def as_served(eng):
+    eng._decode = lambda want, position, found: found[0]
+    return eng
+
+
+async def test_a_store_that_hangs_in_the_middle_of_a_load_is_set_aside(tmp_path):
+    chunks = [chunk(n) for n in range(20)]
+    served_as_cacnk(tmp_path, chunks)
+    served = []
+
+    def fault(path, count):                   # four answers, then a hang
+        served.append(path)
+        return None if len(served) <= 4 else "stall"
+    with FaultServer(tmp_path, fault) as server:
+        options = HTTPOptions(connections=2, timeout=0.3, retries=3, backoff=0.01)
+        eng = as_served(engine([HTTPStore(server.url, options), Store("mirror", chunks)],
+                               deadline=2.0))
+        with trio.fail_after(1.5):
+            assert await eng.get_many([_want(c) for c in chunks]) == [d for _, d in chunks]
+        assert not eng._far_stores[0].available()
+        await eng.aclose()
+
+
+@pytest.mark.parametrize("mirror_goes_aside", [False, True])
+async def test_a_store_whose_try_timed_out_serves_what_the_others_lack(
+        tmp_path, mirror_goes_aside):
+    (a, da), = [chunk(1)]
+    served_as_cacnk(tmp_path, [(a, da)])
+    with FaultServer(tmp_path, lambda path, count: "stall" if count == 1 else None) as server:
+        primary = HTTPStore(server.url, HTTPOptions(timeout=0.3, retries=3, backoff=0.01))
+        eng = as_served(engine([primary, Store("partial", [])], deadline=5.0))
+
+        async def goes_aside():               # e.g. after a 503 for another chunk
+            await trio.sleep(0.1)
+            eng._far_stores[1].set_aside(60)
+        async with trio.open_nursery() as nursery:
+            if mirror_goes_aside:
+                nursery.start_soon(goes_aside)
+            assert await eng.get(a, len(da)) == da
+        await eng.aclose()
+
+
+async def test_chunks_that_arrived_are_cached_when_a_refetch_fails(tmp_path):
+    good, (bad, dbad) = [chunk(n) for n in range(3)], chunk(9)
+    refusing = Store("mirror", [], lambda cid, n: HTTPError("HTTP 403", retryable=False))
+    first = Staggered(good, {bad: 0}, corrupt=bad, rest=0.05, name="first")
+    eng = engine([first, refusing], disk=DiskCache(str(tmp_path), 1 << 20))
+    slow_decode(eng, 0.2)          # the good ones arrive while the bad one is decoded
+    with pytest.raises(ChunkError, match="403"):
+        await eng.get_many([(bad, len(dbad))] + [_want(c) for c in good], remember=False)
+    await eng.aclose()
+    assert cached(tmp_path).present([cid for cid, _ in good]) == {cid for cid, _ in good}
 
 
 async def test_concurrent_readers_of_a_large_chunk_share_one_load():
@@ -878,23 +959,10 @@ async def test_chunks_put_while_their_reader_went_away_are_committed_at_close(tm
     assert cached(tmp_path).present([cid for cid, _ in chunks]) == {cid for cid, _ in chunks}
 
 
-class LateRefusal(Store):
-    """Serves its chunks, but refuses ``refused`` a moment later."""
-
-    def __init__(self, chunks, refused):
-        super().__init__("remote", chunks)
-        self.refused = refused
-
-    async def fetch(self, cid, priority=None, others_left=False):
-        if cid == self.refused:
-            await trio.sleep(0.08)
-            raise HTTPError("HTTP 403", retryable=False)
-        return await super().fetch(cid, priority)
-
-
 async def test_chunks_that_arrived_are_cached_when_their_load_fails(tmp_path):
     good, (bad, dbad) = [chunk(n) for n in range(3)], chunk(9)
-    eng = engine([LateRefusal(good, bad)], disk=SlowPutCache(str(tmp_path), 1 << 20))
+    eng = engine([Staggered(good, {bad: 0.08}, refused=bad)],
+                 disk=SlowPutCache(str(tmp_path), 1 << 20))
     with pytest.raises(ChunkError, match="403"):
         await eng.get_many([_want(c) for c in good] + [(bad, len(dbad))], remember=False)
     await eng.aclose()
@@ -1051,9 +1119,123 @@ async def test_nothing_is_queued_once_the_cache_counts_as_stuck(tmp_path):
     try:
         for c in chunks:
             await eng.get(*_want(c))
-        with trio.move_on_after(1.0):          # stuck after 0.1 s
+        with trio.fail_after(1):
+            while not eng._stuck(eng._disk_place):   # after 0.1 s
+                await trio.sleep(0.01)
+        queued = list(eng._writer._calls)
+        with trio.move_on_after(0.6):
             await eng.maintain()
-        assert eng._stuck(eng._disk_place) and len(eng._writer._calls) <= 1
+        assert list(eng._writer._calls) == queued
+    finally:
+        disk.release.set()
+    await eng.aclose()
+
+
+async def joined_readahead(tmp_path, monkeypatch, refused=False):
+    """How long a reader waits for the last chunk of a readahead load that
+    is waiting for room in the disk queue (2 chunks, 0.2 s a put)."""
+    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 2000)
+    ahead = [chunk(n) for n in range(10)]
+    late, dlate = ahead[-1]
+    eng = engine([Staggered(ahead, {late: 0.05}, refused=late if refused else None)],
+                 deadline=1.0,
+                 disk=TrackingSlowDisk(str(tmp_path), put_takes=0.2))
+
+    async def readahead():
+        with contextlib.suppress(ChunkError):
+            await eng.get_many([_want(c) for c in ahead], urgent=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(readahead)
+        await trio.sleep(0.02)                   # `late` not in yet: the reader joins
+        start = trio.current_time()
+        with contextlib.suppress(ChunkError):
+            assert await eng.get(late, len(dlate)) == dlate
+        took = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    eng._writer.drop_puts()
+    await eng.aclose()
+    return took
+
+
+@pytest.mark.parametrize("refused", [False, True])
+async def test_a_reader_joining_readahead_does_not_wait_for_the_disk(
+        tmp_path, monkeypatch, refused):
+    assert await joined_readahead(tmp_path, monkeypatch, refused) < 0.3
+
+
+async def test_a_chunk_a_reader_joined_is_cached_like_the_rest_of_its_load(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 2000)
+    ahead = [chunk(n) for n in range(6)]
+    wanted, dwanted = ahead[-1]
+    delays = {c: 0.02 for c, _ in ahead} | {wanted: 0.06}    # in after the others
+    eng = engine([Staggered(ahead, delays)], deadline=2.0,
+                 disk=TrackingSlowDisk(str(tmp_path), put_takes=0.05))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: eng.get_many([_want(c) for c in ahead], urgent=False))
+        await trio.sleep(0.01)
+        nursery.start_soon(eng.get, wanted, len(dwanted))         # urgent now
+    await written(eng)
+    await eng.aclose()
+    assert cached(tmp_path).present([c for c, _ in ahead]) == {c for c, _ in ahead}
+
+
+async def test_waiting_for_room_leaves_a_corrupt_chunk_its_time_to_be_fetched_again(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 2000)
+    chunks = [chunk(n) for n in range(10)]
+    first = Staggered(chunks, {chunks[-1][0]: 0.05}, corrupt=chunks[-1][0], name="first")
+    eng = engine([first, Store("second", chunks)], deadline=0.5,
+                 disk=TrackingSlowDisk(str(tmp_path), put_takes=0.1))   # stuck after 0.125
+    got = await eng.get_many([_want(c) for c in chunks], remember=False, urgent=False)
+    assert got == [d for _, d in chunks]
+    eng._writer.drop_puts()
+    await eng.aclose()
+
+
+class BugOnSecondPut(DiskCache):
+    def __init__(self, path):
+        super().__init__(path, 1 << 20)
+        self.puts = 0
+
+    def put(self, cid, data):
+        self.puts += 1
+        if self.puts == 2:
+            raise RuntimeError("a bug")
+        super().put(cid, data)
+
+
+async def test_what_was_written_before_a_bug_ended_the_writer_is_committed(tmp_path):
+    chunks = [chunk(n) for n in range(2)]
+    disk = BugOnSecondPut(str(tmp_path))
+    eng = engine([Store("remote", chunks)], disk=disk)
+    for c in chunks:
+        await eng.get(*_want(c))
+    with trio.fail_after(2):
+        while eng._writer.running():
+            await trio.sleep(0.005)
+    await eng.aclose()
+    assert disk._closed and cached(tmp_path).present([chunks[0][0]]) == {chunks[0][0]}
+
+
+class HangsInPut(DiskCache):
+    def __init__(self, path):
+        super().__init__(path, 1 << 20)
+        self.release = threading.Event()
+
+    def put(self, cid, data):
+        self.release.wait(5)
+
+
+async def test_a_load_waiting_for_room_stops_once_the_cache_counts_as_stuck(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 2000)
+    chunks = [chunk(n) for n in range(10)]
+    disk = HangsInPut(str(tmp_path))
+    eng = engine([Store("remote", chunks)], deadline=0.4, disk=disk)    # stuck after 0.1 s
+    try:
+        with trio.fail_after(1):
+            await eng.get_many([_want(c) for c in chunks], urgent=False)
     finally:
         disk.release.set()
     await eng.aclose()
@@ -1081,26 +1263,12 @@ async def test_loads_wait_for_room_while_the_disk_writer_is_a_queue_behind(
     assert cached(tmp_path).present([cid for cid, _ in chunks]) == {cid for cid, _ in chunks}
 
 
-class Staggered(Store):
-    """Serves each chunk after its own delay; refuses ``refused``."""
-
-    def __init__(self, chunks, delays, refused):
-        super().__init__("remote", chunks)
-        self.delays, self.refused = delays, refused
-
-    async def fetch(self, cid, priority=None, others_left=False):
-        await trio.sleep(self.delays.get(cid, 0))
-        if cid == self.refused:
-            raise HTTPError("HTTP 403", retryable=False)
-        return await super().fetch(cid, priority)
-
-
 async def test_chunks_still_to_be_decoded_are_cached_when_their_load_fails(tmp_path):
     good, (bad, dbad) = [chunk(n) for n in range(3)], chunk(9)
     # The first chunk's decoding takes 0.2 s; meanwhile the others arrive,
     # and then the refusal.
     delays = {good[1][0]: 0.05, good[2][0]: 0.05, bad: 0.1}
-    eng = engine([Staggered(good + [(bad, dbad)], delays, bad)],
+    eng = engine([Staggered(good + [(bad, dbad)], delays, refused=bad)],
                  disk=DiskCache(str(tmp_path), 1 << 20))
     slow_decode(eng, 0.2)
     with pytest.raises(ChunkError, match="403"):
