@@ -153,7 +153,7 @@ class _DiskWriter:
     whether there was room.  Flushes and the close are always taken, a
     flush only when none is queued.  ``call(method, *args)`` makes one call
     (blocking); a call that raises anything but a disk error (a bug) ends
-    the writer, and the cache is written no more (but closed, so that
+    the writer, and the cache is written no more (but still read, and
     what was written before is committed)."""
 
     def __init__(self, call):
@@ -166,9 +166,9 @@ class _DiskWriter:
         self._thread = None
         self.closed = False       # no more calls are taken
 
-    def put(self, chunk_id, data) -> bool:
+    def put(self, chunk_id, data, force=False) -> bool:
         with self._ready:
-            if self._calls and self._bytes + len(data) > DISK_QUEUE_BYTES:
+            if not force and self._calls and self._bytes + len(data) > DISK_QUEUE_BYTES:
                 return False
             return self._queue("put", (chunk_id, data), len(data))
 
@@ -207,12 +207,12 @@ class _DiskWriter:
         with self._ready:
             return not self._unmade
 
-    def _close_after_a_bug(self):
-        """Still commit what was written before."""
+    def _commit_after_a_bug(self):
+        """Still commit what was written before (the cache is still read)."""
         try:
-            self._call("close")
+            self._call("flush")
         except Exception as e:
-            log.error("closing the disk cache failed: %r", e)
+            log.error("committing the disk cache failed: %r", e)
 
     def _queue(self, method, args, size):
         if self.closed:
@@ -245,8 +245,8 @@ class _DiskWriter:
                     self.closed = True
                     self._calls.clear()
                     self._unmade = 0
-                if method != "close":
-                    self._close_after_a_bug()
+                if method != "flush":
+                    self._commit_after_a_bug()
                 return
             with self._ready:
                 self._unmade -= 1
@@ -590,17 +590,19 @@ class ChunkEngine:
         # Nobody waits for this load (readahead, prefetch): a disk slower
         # than the stores may slow it down, but not the readers who join it.
         patient = not any(priority[wanted[k][0]].urgent for k, _problems in far)
+        waiting = []        # its chunks that wait for room, in groups
+        stalled = {k: [] for k, _problems in far}   # stores whose try timed out
 
         def keep(delivered):
-            if patient:
-                nursery.start_soon(self._put_disk_patiently, delivered)
-            else:
-                self._put_disk(delivered)
+            left = self._put_disk(delivered)
+            if left and patient:
+                waiting.append(left)
+                nursery.start_soon(self._put_disk_patiently, left)
 
         async def fetch(k, problems):
             try:
                 position, found = await self._fetch_with_deadline(
-                    wanted[k][0], problems, 0, priority[wanted[k][0]], until)
+                    wanted[k][0], problems, 0, priority[wanted[k][0]], until, stalled[k])
             except CafuseError as e:
                 arrived_in.send_nowait((k, problems, None, e))
             else:
@@ -609,7 +611,8 @@ class ChunkEngine:
         async def again(k, problems, position, error):
             try:
                 results[k], position = await self._far_again(
-                    wanted[k], problems, position, error, priority[wanted[k][0]], until)
+                    wanted[k], problems, position, error, priority[wanted[k][0]], until,
+                    stalled[k])
             except CafuseError as e:
                 arrived_in.send_nowait((k, problems, None, e))
                 return
@@ -646,6 +649,10 @@ class ChunkEngine:
                     delivered.append((wanted[k][0], outcome, position))
                 keep(delivered)
                 if failures:
+                    # What arrived before is cached all the same, past the
+                    # queue's bound by one load at most.
+                    for left in waiting:
+                        self._put_disk(left, force=True)
                     raise failures[0]
 
         with single_errors():
@@ -654,15 +661,16 @@ class ChunkEngine:
                 for k, problems in far:
                     nursery.start_soon(fetch, k, problems)
 
-    async def _far_again(self, want, problems, position, error, priority, until):
+    async def _far_again(self, want, problems, position, error, priority, until, stalled):
         """After ``error`` from the store at ``position``: the next stores,
-        one at a time, until ``until``; the chunk and the store's position."""
+        one at a time, until ``until``, then those that ``stalled``; the
+        chunk and the store's position."""
         while True:
             store = self._far_stores[position].store
             problems.append(f"{error} ({store})")
             log.warning("%s (store %s)", error, store)
             position, found = await self._fetch_with_deadline(want[0], problems, position + 1,
-                                                              priority, until)
+                                                              priority, until, stalled)
             outcome = await trio.to_thread.run_sync(self._decode, want, position, found,
                                                     limiter=self._limiter)
             if not isinstance(outcome, ChunkError):
@@ -670,9 +678,9 @@ class ChunkEngine:
                 return outcome, position
             error = outcome
 
-    async def _fetch_with_deadline(self, chunk_id, problems, start, priority, until):
+    async def _fetch_with_deadline(self, chunk_id, problems, start, priority, until, stalled):
         with trio.move_on_at(until):
-            return await self._fetch(chunk_id, problems, start, priority)
+            return await self._fetch(chunk_id, problems, start, priority, stalled)
         problems.append(f"not delivered within {self.deadline:g} s")
         message = f"chunk {chunk_id.hex()}: " + "; ".join(problems)
         self._remember_failure(chunk_id, priority, message)
@@ -686,12 +694,12 @@ class ChunkEngine:
             self._failed.expire()
             self._failed[chunk_id] = message
 
-    async def _fetch(self, chunk_id, problems, start, priority):
+    async def _fetch(self, chunk_id, problems, start, priority, stalled):
         """(store position, (raw bytes, compressed)) from the first of the
         remaining stores, from ``start`` on, that has the chunk.  A store
-        whose try timed out while others were left gets its full tries
-        after them, if none of them had the chunk."""
-        stalled = []
+        whose try timed out while others were left (listed in ``stalled``)
+        gets its full tries after them, if none of them had the chunk, set
+        aside or not."""
         for position in range(start, len(self._far_stores)):
             state = self._far_stores[position]
             if not state.available():
@@ -703,21 +711,26 @@ class ChunkEngine:
                 stalled.append(position)
             elif found is not None:
                 return position, found
-        for position in stalled:
+        while stalled:
+            position = stalled.pop(0)
             found = await self._ask(self._far_stores[position], chunk_id, problems, priority,
-                                    others_left=False)
+                                    others_left=False, last_try=True)
             if found is not None:
                 return position, found
         raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems or ["no stores"]))
 
-    async def _ask(self, state, chunk_id, problems, priority, others_left):
+    async def _ask(self, state, chunk_id, problems, priority, others_left, last_try=False):
         """The chunk from one store; None (and why, in ``problems``) if it
-        has not got it, _STALLED if a try timed out while ``others_left``."""
+        has not got it, _STALLED if a try timed out while ``others_left``.
+        A ``last_try`` goes on when the store is set aside meanwhile."""
         try:
             if state.store.blocking:
                 found = await trio.to_thread.run_sync(state.store.load, chunk_id,
                                                       limiter=self._far_local_limiter,
                                                       abandon_on_cancel=True)
+            elif last_try:
+                found = await state.store.fetch(chunk_id, priority, others_left)
+                state.answered = trio.current_time()
             else:
                 with state.fetching() as scope:
                     found = await state.store.fetch(chunk_id, priority, others_left)
@@ -747,26 +760,29 @@ class ChunkEngine:
         except ChunkError as e:
             return e
 
-    def _put_disk(self, chunks):
+    def _put_disk(self, chunks, force=False):
         """Queue chunks (``(id, data, store position)``) from remote stores
         for the disk cache (local ones are close enough); those the full
-        queue did not take.  Nothing is queued once the cache counts as
-        stuck."""
+        queue did not take (none with ``force``).  Nothing is queued once
+        the cache counts as stuck."""
         if self.disk is None or self._writer.closed or self._stuck(self._disk_place):
             return []
         left = [(cid, data, position) for cid, data, position in chunks
                 if not self._far_stores[position].store.blocking]
-        while left and self._writer.put(left[0][0], left[0][1]):
+        while left and self._writer.put(left[0][0], left[0][1], force):
             del left[0]
+        for cid, _data, _position in left:
+            log.debug("chunk %s not queued yet: the disk cache is behind", cid.hex())
         return left
 
     async def _put_disk_patiently(self, chunks):
-        """``_put_disk``, waiting for room in the queue: a disk slower than
-        the stores slows the load down to its pace rather than lose chunks
-        (unless the load goes away)."""
-        while left := self._put_disk(chunks):
+        """``_put_disk`` of the list ``chunks``, waiting for room in the
+        queue: a disk slower than the stores slows the load down to its
+        pace rather than lose chunks (unless the load goes away).  The list
+        keeps what is still to be queued."""
+        while chunks:
             await trio.sleep(DISK_QUEUE_POLL)
-            chunks = left
+            chunks[:] = self._put_disk(chunks)
 
     def _flush_disk(self):
         if self.disk is not None and self.disk.flush_due() \

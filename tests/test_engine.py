@@ -257,15 +257,65 @@ async def test_a_store_whose_try_timed_out_serves_what_the_others_lack(
 
 
 async def test_chunks_that_arrived_are_cached_when_a_refetch_fails(tmp_path):
-    good, (bad, dbad) = [chunk(n) for n in range(3)], chunk(9)
-    refusing = Store("mirror", [], lambda cid, n: HTTPError("HTTP 403", retryable=False))
-    first = Staggered(good, {bad: 0}, corrupt=bad, rest=0.05, name="first")
-    eng = engine([first, refusing], disk=DiskCache(str(tmp_path), 1 << 20))
-    slow_decode(eng, 0.2)          # the good ones arrive while the bad one is decoded
+    # g2 and g3 wait in the arrival channel when the refetch of the
+    # corrupt chunk is refused.
+    g1, g2, g3 = [chunk(n) for n in range(3)]
+    bad, dbad = chunk(9)
+    first = Staggered([g1, g2, g3], {bad: 0, g1[0]: 0.1, g2[0]: 0.25, g3[0]: 0.25},
+                      corrupt=bad, name="first")
+    mirror = Staggered([], {bad: 0.1}, refused=bad, name="mirror")
+    eng = engine([first, mirror], disk=DiskCache(str(tmp_path), 1 << 20))
+    slow_decode(eng, 0.2)
     with pytest.raises(ChunkError, match="403"):
-        await eng.get_many([(bad, len(dbad))] + [_want(c) for c in good], remember=False)
+        await eng.get_many([(bad, len(dbad)), _want(g1), _want(g2), _want(g3)],
+                           remember=False)
     await eng.aclose()
-    assert cached(tmp_path).present([cid for cid, _ in good]) == {cid for cid, _ in good}
+    ids = [g1[0], g2[0], g3[0]]
+    assert cached(tmp_path).present(ids) == set(ids)
+
+
+class Hiccups(Store):
+    """A remote store whose tries for ``hang`` get no answer in 0.1 s while
+    other stores are left; with none left (its full tries) it serves them."""
+
+    def __init__(self, chunks, hang, delays):
+        super().__init__("hiccups", chunks)
+        self.hang, self.delays = hang, delays
+
+    async def fetch(self, cid, priority=None, others_left=False):
+        self.calls.append(cid)
+        began = trio.current_time()
+        if cid in self.hang and others_left:
+            await trio.sleep(0.1)
+            raise HTTPError("no answer within 0.1 s", True, began)
+        await trio.sleep(self.delays.get(cid, 0.02))
+        return (self.chunks[cid], False) if cid in self.chunks else None
+
+
+async def test_the_full_tries_of_a_stalled_store_go_on_when_it_is_set_aside():
+    (w, dw), (x, dx), (z, dz) = chunk(1), chunk(2), chunk(3)
+    stalls = Hiccups([(w, dw), (x, dx), (z, dz)], hang={x, z}, delays={x: 0.3})
+    eng = engine([stalls, Store("partial", [(z, dz)])], deadline=5.0)
+    got = {}
+
+    async def get(cid, data, after):
+        await trio.sleep(after)
+        got[cid] = await eng.get(cid, len(data))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(get, w, dw, 0)       # answered at 0.02 s
+        nursery.start_soon(get, x, dx, 0)       # stalls until 0.1 s, then the partial
+                                                # store lacks it: full tries from 0.1 s
+        nursery.start_soon(get, z, dz, 0.05)    # stalls 0.05-0.15 s, nothing answered
+                                                # meanwhile: the store is set aside
+    assert got == {w: dw, x: dx, z: dz}
+    assert not eng._far_stores[0].available()
+
+
+async def test_a_stalled_store_gets_its_full_tries_after_a_corrupt_copy_from_the_next():
+    (x, dx), = [chunk(2)]
+    eng = engine([Hiccups([(x, dx)], hang={x}, delays={}),
+                  Staggered([(x, dx)], {}, corrupt=x, name="corrupt")], deadline=5.0)
+    assert await eng.get(x, len(dx)) == dx
 
 
 async def test_concurrent_readers_of_a_large_chunk_share_one_load():
@@ -1193,29 +1243,34 @@ async def test_waiting_for_room_leaves_a_corrupt_chunk_its_time_to_be_fetched_ag
     await eng.aclose()
 
 
-class BugOnSecondPut(DiskCache):
-    def __init__(self, path):
-        super().__init__(path, 1 << 20)
-        self.puts = 0
-
+class BugOnPut(DiskCache):
     def put(self, cid, data):
-        self.puts += 1
-        if self.puts == 2:
-            raise RuntimeError("a bug")
-        super().put(cid, data)
+        raise RuntimeError("a bug")
 
 
-async def test_what_was_written_before_a_bug_ended_the_writer_is_committed(tmp_path):
-    chunks = [chunk(n) for n in range(2)]
-    disk = BugOnSecondPut(str(tmp_path))
-    eng = engine([Store("remote", chunks)], disk=disk)
-    for c in chunks:
-        await eng.get(*_want(c))
+async def test_a_writer_ended_by_a_bug_leaves_the_cache_read(tmp_path):
+    (a, da), (b, db) = chunk(1), chunk(2)
+    cached(tmp_path, (a, da)).close()                 # from an earlier run
+    eng = engine([Store("remote", [(b, db)])], disk=BugOnPut(str(tmp_path), 1 << 20))
+    assert await eng.get(b, len(db)) == db            # its put ends the writer
     with trio.fail_after(2):
         while eng._writer.running():
             await trio.sleep(0.005)
+    assert await eng.get(a, len(da)) == da
     await eng.aclose()
-    assert disk._closed and cached(tmp_path).present([chunks[0][0]]) == {chunks[0][0]}
+
+
+async def test_a_failing_readahead_load_still_caches_what_arrived(tmp_path, monkeypatch):
+    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 2000)   # 2 chunks
+    good, (bad, dbad) = [chunk(n) for n in range(6)], chunk(9)
+    eng = engine([Staggered(good, {bad: 0.05}, refused=bad)],
+                 disk=TrackingSlowDisk(str(tmp_path), put_takes=0.05))
+    with pytest.raises(ChunkError, match="403"):
+        await eng.get_many([_want(c) for c in good] + [(bad, len(dbad))],
+                           remember=False, urgent=False)
+    await written(eng)
+    await eng.aclose()
+    assert cached(tmp_path).present([c for c, _ in good]) == {c for c, _ in good}
 
 
 class HangsInPut(DiskCache):
