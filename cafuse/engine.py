@@ -149,12 +149,13 @@ class _Hop:
 class _DiskWriter:
     """The one thread that writes the disk cache: ``put`` queues a chunk
     and returns, and the thread makes the calls in order.  The queue holds
-    DISK_QUEUE_BYTES of chunks at most (or one larger chunk): ``put`` says
-    whether there was room.  Flushes and the close are always taken, a
-    flush only when none is queued.  ``call(method, *args)`` makes one call
-    (blocking); a call that raises anything but a disk error (a bug) ends
-    the writer, and the cache is written no more (but still read, and
-    what was written before is committed)."""
+    DISK_QUEUE_BYTES of chunks at most (or one larger chunk), twice that
+    for puts that ``force`` their way: ``put`` says whether there was room.
+    Flushes and the close are always taken, a flush only when none is
+    queued.  ``call(method, *args)`` makes one call (blocking); after a
+    call that raises anything but a disk error (a bug), the cache is
+    ``broken``: what was written is committed, and it takes no more puts
+    (but is still read, and closed at the end)."""
 
     def __init__(self, call):
         self._call = call
@@ -165,16 +166,18 @@ class _DiskWriter:
         self._ready = threading.Condition()
         self._thread = None
         self.closed = False       # no more calls are taken
+        self.broken = False       # no more puts or flushes are taken
 
     def put(self, chunk_id, data, force=False) -> bool:
         with self._ready:
-            if not force and self._calls and self._bytes + len(data) > DISK_QUEUE_BYTES:
+            bound = 2 * DISK_QUEUE_BYTES if force else DISK_QUEUE_BYTES
+            if self.broken or (self._calls and self._bytes + len(data) > bound):
                 return False
             return self._queue("put", (chunk_id, data), len(data))
 
     def flush(self) -> None:
         with self._ready:
-            if not self._flush_queued:
+            if not self._flush_queued and not self.broken:
                 self._flush_queued = self._queue("flush", (), 0)
 
     def close(self) -> None:
@@ -207,13 +210,6 @@ class _DiskWriter:
         with self._ready:
             return not self._unmade
 
-    def _commit_after_a_bug(self):
-        """Still commit what was written before (the cache is still read)."""
-        try:
-            self._call("flush")
-        except Exception as e:
-            log.error("committing the disk cache failed: %r", e)
-
     def _queue(self, method, args, size):
         if self.closed:
             return False
@@ -240,18 +236,22 @@ class _DiskWriter:
             try:
                 self._call(method, *args)
             except Exception as e:
-                log.error("writing the disk cache failed: %r; it is written no more", e)
-                with self._ready:
-                    self.closed = True
-                    self._calls.clear()
-                    self._unmade = 0
-                if method != "flush":
-                    self._commit_after_a_bug()
-                return
+                self._broke(method, e)
             with self._ready:
                 self._unmade -= 1
             if method == "close":
                 return
+
+    def _broke(self, method, error):
+        log.error("writing the disk cache failed: %r; it is written no more", error)
+        with self._ready:
+            self.broken = True
+            self.drop_puts()
+        if method == "put":  # commit what was written before
+            try:
+                self._call("flush")
+            except Exception as e:
+                log.error("committing the disk cache failed: %r", e)
 
 
 class ChunkEngine:
@@ -591,13 +591,15 @@ class ChunkEngine:
         # than the stores may slow it down, but not the readers who join it.
         patient = not any(priority[wanted[k][0]].urgent for k, _problems in far)
         waiting = []        # its chunks that wait for room, in groups
-        stalled = {k: [] for k, _problems in far}   # stores whose try timed out
+        stalled = {k: {} for k, _problems in far}   # stores whose try timed out
 
         def keep(delivered):
             left = self._put_disk(delivered)
             if left and patient:
                 waiting.append(left)
                 nursery.start_soon(self._put_disk_patiently, left)
+            elif left:
+                log.debug("%d chunks not cached: the disk cache is behind", len(left))
 
         async def fetch(k, problems):
             try:
@@ -650,9 +652,9 @@ class ChunkEngine:
                 keep(delivered)
                 if failures:
                     # What arrived before is cached all the same, past the
-                    # queue's bound by one load at most.
-                    for left in waiting:
-                        self._put_disk(left, force=True)
+                    # queue's bound (up to twice it).
+                    for group in waiting:
+                        self._put_disk(group, force=True)
                     raise failures[0]
 
         with single_errors():
@@ -697,22 +699,26 @@ class ChunkEngine:
     async def _fetch(self, chunk_id, problems, start, priority, stalled):
         """(store position, (raw bytes, compressed)) from the first of the
         remaining stores, from ``start`` on, that has the chunk.  A store
-        whose try timed out while others were left (listed in ``stalled``)
-        gets its full tries after them, if none of them had the chunk, set
-        aside or not."""
+        whose try timed out while others were left gets its full tries
+        once, after them, if none of them had the chunk, set aside or not
+        (``stalled``: its position -> whether it had them)."""
         for position in range(start, len(self._far_stores)):
             state = self._far_stores[position]
+            if position in stalled:
+                continue
             if not state.available():
                 problems.append(f"{state.store} set aside after errors")
                 continue
             others_left = any(other.available() for other in self._far_stores[position + 1:])
             found = await self._ask(state, chunk_id, problems, priority, others_left)
             if found is _STALLED:
-                stalled.append(position)
+                stalled[position] = False
             elif found is not None:
                 return position, found
-        while stalled:
-            position = stalled.pop(0)
+        for position, had_them in stalled.items():
+            if had_them:
+                continue
+            stalled[position] = True
             found = await self._ask(self._far_stores[position], chunk_id, problems, priority,
                                     others_left=False, last_try=True)
             if found is not None:
@@ -765,14 +771,13 @@ class ChunkEngine:
         for the disk cache (local ones are close enough); those the full
         queue did not take (none with ``force``).  Nothing is queued once
         the cache counts as stuck."""
-        if self.disk is None or self._writer.closed or self._stuck(self._disk_place):
+        if self.disk is None or self._writer.closed or self._writer.broken \
+                or self._stuck(self._disk_place):
             return []
         left = [(cid, data, position) for cid, data, position in chunks
                 if not self._far_stores[position].store.blocking]
         while left and self._writer.put(left[0][0], left[0][1], force):
             del left[0]
-        for cid, _data, _position in left:
-            log.debug("chunk %s not queued yet: the disk cache is behind", cid.hex())
         return left
 
     async def _put_disk_patiently(self, chunks):

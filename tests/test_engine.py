@@ -318,6 +318,47 @@ async def test_a_stalled_store_gets_its_full_tries_after_a_corrupt_copy_from_the
     assert await eng.get(x, len(dx)) == dx
 
 
+class Scripted(Store):
+    """A remote store: for each chunk, what a try with other stores left
+    does (``"stall"``: no answer in 0.1 s) and what its full tries do."""
+
+    def __init__(self, name, with_others, full, delays=None):
+        super().__init__(name, [])
+        self.with_others, self.full, self.delays = with_others, full, delays or {}
+        self.full_tries = []
+
+    async def fetch(self, cid, priority=None, others_left=False):
+        began = trio.current_time()
+        if not others_left:
+            self.full_tries.append(cid)
+        what = (self.with_others if others_left else self.full).get(cid)
+        if what == "stall":
+            await trio.sleep(0.1)
+            raise HTTPError("no answer within 0.1 s", True, began)
+        await trio.sleep(self.delays.get(cid, 0.0))
+        return what
+
+
+async def test_a_stalled_store_gets_its_full_tries_once():
+    # A and B stall on x, C lacks it; A's full tries give a corrupt copy,
+    # so x is asked again from B on; B (busy with y, so not set aside)
+    # must not stall a second time nor get two rounds of full tries.
+    (x, dx), (y, dy) = chunk(1), chunk(2)
+    a = Scripted("A", {x: "stall"}, {x: (b"garbage", False)})
+    b = Scripted("B", {x: "stall", y: (dy, False)}, {x: None}, delays={y: 0.15})
+    eng = engine([a, b, Scripted("C", {}, {})], deadline=5.0)
+    errors = []
+
+    async def get_x():
+        with pytest.raises(ChunkError) as failed:
+            await eng.get(x, len(dx))
+        errors.append(str(failed.value))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(get_x)
+        assert await eng.get(y, len(dy)) == dy
+    assert errors[0].count("missing from B") == 1 and b.full_tries == [x], errors
+
+
 async def test_concurrent_readers_of_a_large_chunk_share_one_load():
     cid, data = chunk(1, size=64 << 10)
     store = Store("s", [(cid, data)], delay=0.05)
@@ -1252,16 +1293,17 @@ async def test_a_writer_ended_by_a_bug_leaves_the_cache_read(tmp_path):
     (a, da), (b, db) = chunk(1), chunk(2)
     cached(tmp_path, (a, da)).close()                 # from an earlier run
     eng = engine([Store("remote", [(b, db)])], disk=BugOnPut(str(tmp_path), 1 << 20))
-    assert await eng.get(b, len(db)) == db            # its put ends the writer
+    assert await eng.get(b, len(db)) == db            # its put breaks the writer
     with trio.fail_after(2):
-        while eng._writer.running():
+        while not eng._writer.broken:
             await trio.sleep(0.005)
     assert await eng.get(a, len(da)) == da
     await eng.aclose()
+    assert eng.disk._closed
 
 
 async def test_a_failing_readahead_load_still_caches_what_arrived(tmp_path, monkeypatch):
-    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 2000)   # 2 chunks
+    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 3000)   # 3 chunks, 6 forced
     good, (bad, dbad) = [chunk(n) for n in range(6)], chunk(9)
     eng = engine([Staggered(good, {bad: 0.05}, refused=bad)],
                  disk=TrackingSlowDisk(str(tmp_path), put_takes=0.05))
@@ -1273,26 +1315,70 @@ async def test_a_failing_readahead_load_still_caches_what_arrived(tmp_path, monk
     assert cached(tmp_path).present([c for c, _ in good]) == {c for c, _ in good}
 
 
-class HangsInPut(DiskCache):
+class BugOnSecondPut(DiskCache):
     def __init__(self, path):
         super().__init__(path, 1 << 20)
-        self.release = threading.Event()
+        self.puts = 0
 
     def put(self, cid, data):
-        self.release.wait(5)
+        self.puts += 1
+        if self.puts == 2:
+            raise RuntimeError("a bug")
+        super().put(cid, data)
+
+
+async def test_what_was_written_before_a_bug_is_committed(tmp_path):
+    chunks = [chunk(n) for n in range(2)]
+    eng = engine([Store("remote", chunks)], disk=BugOnSecondPut(str(tmp_path)))
+    for c in chunks:
+        await eng.get(*_want(c))
+    with trio.fail_after(2):
+        while not eng._writer.broken or not eng._writer.idle():
+            await trio.sleep(0.005)
+    assert cached(tmp_path).present([chunks[0][0]]) == {chunks[0][0]}
+    await eng.aclose()
+
+
+class BlockedDisk(DiskCache):
+    """A disk cache whose puts wait until ``go`` is set."""
+
+    def __init__(self, path):
+        super().__init__(path, 1 << 30)
+        self.go = threading.Event()
+
+    def put(self, cid, data):
+        self.go.wait(10)
+        super().put(cid, data)
+
+
+async def test_failing_loads_queue_at_most_twice_the_bound(tmp_path, monkeypatch):
+    # As the walk's stream-ahead does (it goes on after a failed run).
+    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 2000)
+    disk = BlockedDisk(str(tmp_path))
+    bad, dbad = chunk(999)
+    loads = [[chunk(10 * k + n) for n in range(6)] for k in range(4)]
+    eng = engine([Staggered([c for load in loads for c in load], {bad: 0.05}, refused=bad)],
+                 disk=disk)
+    for load in loads:
+        with pytest.raises(ChunkError, match="403"):
+            await eng.get_many([_want(c) for c in load] + [(bad, len(dbad))],
+                               remember=False, urgent=False)
+    assert eng._writer._bytes <= 4000
+    disk.go.set()
+    await eng.aclose()
 
 
 async def test_a_load_waiting_for_room_stops_once_the_cache_counts_as_stuck(
         tmp_path, monkeypatch):
     monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 2000)
     chunks = [chunk(n) for n in range(10)]
-    disk = HangsInPut(str(tmp_path))
+    disk = BlockedDisk(str(tmp_path))
     eng = engine([Store("remote", chunks)], deadline=0.4, disk=disk)    # stuck after 0.1 s
     try:
         with trio.fail_after(1):
             await eng.get_many([_want(c) for c in chunks], urgent=False)
     finally:
-        disk.release.set()
+        disk.go.set()
     await eng.aclose()
 
 
