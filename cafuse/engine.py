@@ -155,7 +155,7 @@ class _DiskWriter:
     queued.  ``call(method, *args)`` makes one call (blocking); after a
     call that raises anything but a disk error (a bug), the cache is
     ``broken``: what was written is committed, and it takes no more puts
-    (but is still read, and closed at the end)."""
+    or new flushes (but is still read, and closed at the end)."""
 
     def __init__(self, call):
         self._call = call
@@ -166,7 +166,7 @@ class _DiskWriter:
         self._ready = threading.Condition()
         self._thread = None
         self.closed = False       # no more calls are taken
-        self.broken = False       # no more puts or flushes are taken
+        self.broken = False       # no more puts or new flushes are taken
 
     def put(self, chunk_id, data, force=False) -> bool:
         with self._ready:
@@ -653,8 +653,9 @@ class ChunkEngine:
                 if failures:
                     # What arrived before is cached all the same, past the
                     # queue's bound (up to twice it).
-                    for group in waiting:
-                        self._put_disk(group, force=True)
+                    dropped = sum(len(self._put_disk(group, force=True)) for group in waiting)
+                    if dropped:
+                        log.debug("%d chunks not cached: the disk cache is behind", dropped)
                     raise failures[0]
 
         with single_errors():
@@ -769,8 +770,8 @@ class ChunkEngine:
     def _put_disk(self, chunks, force=False):
         """Queue chunks (``(id, data, store position)``) from remote stores
         for the disk cache (local ones are close enough); those the full
-        queue did not take (none with ``force``).  Nothing is queued once
-        the cache counts as stuck."""
+        queue did not take (with ``force``, up to twice its bound).
+        Nothing is queued once the cache counts as stuck."""
         if self.disk is None or self._writer.closed or self._writer.broken \
                 or self._stuck(self._disk_place):
             return []
