@@ -653,7 +653,7 @@ class ChunkEngine:
                 if failures:
                     # What arrived before is cached all the same, past the
                     # queue's bound (up to twice it).
-                    dropped = sum(len(self._put_disk(group, force=True)) for group in waiting)
+                    dropped = sum(len(self._put_disk(chunks, force=True)) for chunks in waiting)
                     if dropped:
                         log.debug("%d chunks not cached: the disk cache is behind", dropped)
                     raise failures[0]
