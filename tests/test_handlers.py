@@ -5,6 +5,7 @@ import errno
 import os
 import struct
 
+import pytest
 import trio
 
 from cafuse import daemon, mount
@@ -71,16 +72,21 @@ def counted_decodes(fs):
     return decoded
 
 
-def test_directories_larger_than_the_listing_cache_are_decoded_a_page_at_a_time(
-        casync_archive, monkeypatch):
+@pytest.fixture
+def twobigdirs(casync_archive, monkeypatch):
+    """An archive of two 1,500-entry directories, a and b, over a listing
+    cache of 1,000 entries."""
+    monkeypatch.setattr(mount, "LISTED_ENTRIES", 1000)
+    return casync_archive("twobigdirs")
+
+
+def test_directories_larger_than_the_listing_cache_are_decoded_a_page_at_a_time(twobigdirs):
     # Two of them listed by turns: when a larger one was kept whole, alone,
     # each turn decoded the other whole again, once per page.  (Before that,
     # every READDIRPLUS of one failed with EIO.)
-    monkeypatch.setattr(mount, "LISTED_ENTRIES", 1000)
-    made = casync_archive("twobigdirs")
 
     async def check():
-        inp, fs = await tree_fs(made)
+        inp, fs = await tree_fs(twobigdirs)
         decoded = counted_decodes(fs)
         offsets, names = {}, {}
         for name in (b"a", b"b"):
@@ -104,13 +110,11 @@ def test_directories_larger_than_the_listing_cache_are_decoded_a_page_at_a_time(
     assert len(decoded) < 2 * 1500 * 1.1, len(decoded)
 
 
-def test_a_paged_readdir_decodes_about_what_its_replies_hold(casync_archive, monkeypatch):
+def test_a_paged_readdir_decodes_about_what_its_replies_hold(twobigdirs):
     # Plain READDIR entries are small: a reply holds about 100 of these.
-    monkeypatch.setattr(mount, "LISTED_ENTRIES", 1000)
-    made = casync_archive("twobigdirs")
 
     async def check():
-        inp, fs = await tree_fs(made)
+        inp, fs = await tree_fs(twobigdirs)
         node = await looked_up(fs, b"a")
         decoded, names, offset = counted_decodes(fs), [], 0
         while page := plain_dirents(await answer(
@@ -125,12 +129,10 @@ def test_a_paged_readdir_decodes_about_what_its_replies_hold(casync_archive, mon
     assert len(decoded) < 1500 * 1.1, len(decoded)
 
 
-def test_a_paged_reply_that_fails_counts_no_lookups(casync_archive, monkeypatch):
-    monkeypatch.setattr(mount, "LISTED_ENTRIES", 1000)
-    made = casync_archive("twobigdirs")
+def test_a_paged_reply_that_fails_counts_no_lookups(twobigdirs):
 
     async def check():
-        inp, fs = await tree_fs(made)
+        inp, fs = await tree_fs(twobigdirs)
         node = await looked_up(fs, b"a")
         entries, calls = fs.archive.entries, []
 
