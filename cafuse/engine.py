@@ -737,14 +737,13 @@ class ChunkEngine:
                                                       abandon_on_cancel=True)
             elif last_try:
                 found = await state.store.fetch(chunk_id, priority, others_left)
-                state.answered = trio.current_time()
             else:
                 with state.fetching() as scope:
                     found = await state.store.fetch(chunk_id, priority, others_left)
                 if scope.cancelled_caught:
                     problems.append(f"{state.store} set aside after errors")
                     return None
-                state.answered = trio.current_time()
+            state.answered = trio.current_time()
         except CafuseError as e:
             problems.append(str(e))
             stalled = getattr(e, "timed_out", False) and others_left
