@@ -970,6 +970,15 @@ class ChunkEngine:
             await trio.sleep(0.25)
             self._flush_disk()
 
+    async def finish_writes(self) -> None:
+        """Wait until the disk cache writer has made every call queued so
+        far, for as long as its calls go on returning (not once the cache
+        counts as stuck): for ``cafuse prefetch``, whose job is the cache,
+        where ``aclose`` would drop what a slow disk has still to write."""
+        while not self._writer.idle() and self.disk is not None \
+                and not self._stuck(self._disk_place):
+            await trio.sleep(DISK_QUEUE_POLL)
+
     async def aclose(self) -> None:
         for state in self._near_stores + self._far_stores:
             await state.store.aclose()

@@ -42,6 +42,7 @@ async def prefetch(index: Index, engine: ChunkEngine, progress) -> list[str]:
         async with trio.open_nursery() as workers:
             for _ in range(_WORKERS):
                 workers.start_soon(worker)
+        await engine.finish_writes()
         nursery.cancel_scope.cancel()
     if progress.isatty():
         progress.write("\r\033[K")
