@@ -7,9 +7,7 @@ store is verified against its id before it is cached or returned.
 Concurrent requests for one chunk share one load.  A store that looks down
 (after its own retries) is set aside for a back-off period while another
 store is left, so one dead mirror costs one deadline, not one per chunk; it
-is tried again when the period ends, and meanwhile last, for a chunk that
-no other store has.  A remote store slow to answer one chunk is raced by
-the next stores.  The disk cache, a seed or a local
+is tried again when the period ends.  The disk cache, a seed or a local
 store (read in worker threads, which a hung NFS server never lets go) is
 skipped while a read from it that was given up on has run for a quarter
 of the deadline, until those reads return.  A chunk that no source can
@@ -33,7 +31,6 @@ import trio
 from . import chunk
 from .diskcache import DiskCache, DiskFull
 from .errors import CafuseError, ChunkError, ChunkTimeout, single_errors
-from .http import HTTPError
 from .slots import Priority
 
 log = logging.getLogger("cafuse")
@@ -121,32 +118,7 @@ class _Shared:
         self.error = None
 
 
-_LATER = object()    # what _ask says of a store to ask again last
-_BEHIND = object()   # what _ask_or_go_on says of an ask gone on in the background
-
-
-class _Ask:
-    """One store's ask for a chunk while others follow it: when it got
-    its connection (``held``), and what it found if that came before the
-    next stores were asked."""
-    __slots__ = ("state", "position", "held", "outcome")
-
-    def __init__(self, state, position):
-        self.state, self.position = state, position
-        self.held = math.inf
-        self.outcome = _BEHIND
-
-
-class _Race:
-    """One chunk's fetch: the asks gone on in the background (``behind``)
-    and the first chunk delivered (``won``: its store's position and the
-    fetched bytes), all in one nursery."""
-    __slots__ = ("nursery", "behind", "won")
-
-    def __init__(self):
-        self.nursery = None
-        self.behind = []
-        self.won = None
+_STALLED = object()   # what _ask says of a store whose try timed out
 
 
 class _Abandoned(Exception):
@@ -294,9 +266,6 @@ class ChunkEngine:
         self.stats = Stats()
         # A place whose given-up call has run this long is skipped.
         self._stuck_after = deadline / 4
-        # A remote store that has not answered a chunk this long after
-        # the request got a connection: the next stores are asked too.
-        self._hedge_after = deadline / 4
         self._disk_place = _Place("the disk cache")
         self._writer_hop = _Hop(0, detached=True)
         self._writer_hop.abandoned = True
@@ -622,7 +591,7 @@ class ChunkEngine:
         # than the stores may slow it down, but not the readers who join it.
         patient = not any(priority[wanted[k][0]].urgent for k, _problems in far)
         waiting = []        # its chunks that wait for room, in groups
-        passed = {k: {} for k, _problems in far}   # stores to ask last, per chunk
+        stalled = {k: {} for k, _problems in far}   # stores whose try timed out
 
         def keep(delivered):
             left = self._put_disk(delivered)
@@ -635,7 +604,7 @@ class ChunkEngine:
         async def fetch(k, problems):
             try:
                 position, found = await self._fetch_with_deadline(
-                    wanted[k][0], problems, 0, priority[wanted[k][0]], until, passed[k])
+                    wanted[k][0], problems, 0, priority[wanted[k][0]], until, stalled[k])
             except CafuseError as e:
                 arrived_in.send_nowait((k, problems, None, e))
             else:
@@ -645,7 +614,7 @@ class ChunkEngine:
             try:
                 results[k], position = await self._far_again(
                     wanted[k], problems, position, error, priority[wanted[k][0]], until,
-                    passed[k])
+                    stalled[k])
             except CafuseError as e:
                 arrived_in.send_nowait((k, problems, None, e))
                 return
@@ -695,16 +664,16 @@ class ChunkEngine:
                 for k, problems in far:
                     nursery.start_soon(fetch, k, problems)
 
-    async def _far_again(self, want, problems, position, error, priority, until, passed):
+    async def _far_again(self, want, problems, position, error, priority, until, stalled):
         """After ``error`` from the store at ``position``: the next stores,
-        one at a time, until ``until``, then those ``passed`` over; the
+        one at a time, until ``until``, then those that ``stalled``; the
         chunk and the store's position."""
         while True:
             store = self._far_stores[position].store
             problems.append(f"{error} ({store})")
             log.warning("%s (store %s)", error, store)
             position, found = await self._fetch_with_deadline(want[0], problems, position + 1,
-                                                              priority, until, passed)
+                                                              priority, until, stalled)
             outcome = await trio.to_thread.run_sync(self._decode, want, position, found,
                                                     limiter=self._limiter)
             if not isinstance(outcome, ChunkError):
@@ -712,9 +681,9 @@ class ChunkEngine:
                 return outcome, position
             error = outcome
 
-    async def _fetch_with_deadline(self, chunk_id, problems, start, priority, until, passed):
+    async def _fetch_with_deadline(self, chunk_id, problems, start, priority, until, stalled):
         with trio.move_on_at(until):
-            return await self._fetch(chunk_id, problems, start, priority, passed)
+            return await self._fetch(chunk_id, problems, start, priority, stalled)
         problems.append(f"not delivered within {self.deadline:g} s")
         message = f"chunk {chunk_id.hex()}: " + "; ".join(problems)
         self._remember_failure(chunk_id, priority, message)
@@ -728,110 +697,39 @@ class ChunkEngine:
             self._failed.expire()
             self._failed[chunk_id] = message
 
-    async def _fetch(self, chunk_id, problems, start, priority, passed):
+    async def _fetch(self, chunk_id, problems, start, priority, stalled):
         """(store position, (raw bytes, compressed)) from the first of the
-        remaining stores, from ``start`` on, that has the chunk.
-
-        A remote store followed by others that holds a connection for a
-        quarter of the deadline without an answer goes on in the
-        background while the next stores are asked: the first to deliver
-        wins.  A store ``passed`` over (set aside, timed out while others
-        were left, or outrun: its position -> whether it has had its last
-        try) gets its full tries once, after them, if none had the chunk:
-        a chunk that only a slow store has is still delivered."""
-        race = _Race()
-        # A nursery per chunk costs about 25 µs: only where a race may be.
-        if any(not state.store.blocking for state in self._far_stores[start:-1]):
-            async with trio.open_nursery() as race.nursery:
-                await self._search(race, chunk_id, problems, start, priority, passed)
-        else:
-            await self._search(race, chunk_id, problems, start, priority, passed)
-        if race.won:
-            return race.won
-        for position, had_them in passed.items():
-            if had_them:
-                continue
-            passed[position] = True
-            found = await self._ask(self._far_stores[position], chunk_id, problems, priority,
-                                    others_left=False, last_try=True)
-            if found is not None and found is not _LATER:
-                return position, found
-        raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems or ["no stores"]))
-
-    async def _search(self, race, chunk_id, problems, start, priority, passed):
-        """The stores, in order, for ``_fetch``, until one of them wins ``race``."""
+        remaining stores, from ``start`` on, that has the chunk.  A store
+        whose try timed out while others were left gets its full tries
+        once, after them, if none of them had the chunk, set aside or not
+        (``stalled``: its position -> whether it had them)."""
         for position in range(start, len(self._far_stores)):
             state = self._far_stores[position]
-            if position in passed:
+            if position in stalled:
                 continue
             if not state.available():
                 problems.append(f"{state.store} set aside after errors")
-                passed[position] = False
                 continue
             others_left = any(other.available() for other in self._far_stores[position + 1:])
-            if others_left and not state.store.blocking:
-                found = await self._ask_or_go_on(race, state, position, chunk_id, problems,
-                                                 priority, passed)
-            else:
-                found = await self._ask(state, chunk_id, problems, priority, others_left)
-            if found is _LATER:
-                passed[position] = False
-            elif found is not None and found is not _BEHIND:
-                self._win(race, position, found, passed)
-                return
+            found = await self._ask(state, chunk_id, problems, priority, others_left)
+            if found is _STALLED:
+                stalled[position] = False
+            elif found is not None:
+                return position, found
+        for position, had_them in stalled.items():
+            if had_them:
+                continue
+            stalled[position] = True
+            found = await self._ask(self._far_stores[position], chunk_id, problems, priority,
+                                    others_left=False, last_try=True)
+            if found is not None:
+                return position, found
+        raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems or ["no stores"]))
 
-    async def _ask_or_go_on(self, race, state, position, chunk_id, problems, priority, passed):
-        """``_ask`` a remote store that others follow; _BEHIND if it holds
-        a connection for a quarter of the deadline without an answer: the
-        ask goes on in ``race``'s nursery, and wins the race if it
-        delivers first."""
-        ask = _Ask(state, position)
-        with trio.CancelScope() as waiting:
-            def held():
-                ask.held = trio.current_time()
-                waiting.deadline = ask.held + self._hedge_after
-
-            async def run():
-                found = await self._ask(state, chunk_id, problems, priority, True, held)
-                if ask not in race.behind:
-                    ask.outcome = found
-                    waiting.cancel()
-                    return
-                race.behind.remove(ask)
-                if found is _LATER:
-                    passed[position] = False
-                elif found is not None:
-                    self._win(race, position, found, passed)
-            race.nursery.start_soon(run)
-            await trio.sleep_forever()
-        if ask.outcome is not _BEHIND:
-            return ask.outcome
-        race.behind.append(ask)
-        return _BEHIND
-
-    def _win(self, race, position, found, passed):
-        """The first chunk delivered ends ``race``.  The asks outrun are
-        given up, to be asked last if the chunk turns out corrupt; a store
-        that has not answered any chunk since the outrun ask got its
-        connection is down, or hung (set aside, as after a timeout)."""
-        if race.won:
-            return
-        race.won = position, found
-        for ask in race.behind:
-            passed[ask.position] = False
-            if ask.state.answered < ask.held:
-                self._set_aside(ask.state, HTTPError(
-                    f"{ask.state.store}: no answer within {self._hedge_after:g} s", True))
-        if race.nursery is not None:
-            race.nursery.cancel_scope.cancel()
-
-    async def _ask(self, state, chunk_id, problems, priority, others_left, held=None,
-                   last_try=False):
+    async def _ask(self, state, chunk_id, problems, priority, others_left, last_try=False):
         """The chunk from one store; None (and why, in ``problems``) if it
-        has not got it, _LATER if it is to be asked again last: a try
-        timed out while ``others_left``, or the store was set aside
-        meanwhile.  A ``last_try`` goes on when the store is set aside.
-        ``held()`` is called once the request holds a connection."""
+        has not got it, _STALLED if a try timed out while ``others_left``.
+        A ``last_try`` goes on when the store is set aside meanwhile."""
         try:
             if state.store.blocking:
                 found = await trio.to_thread.run_sync(state.store.load, chunk_id,
@@ -841,19 +739,19 @@ class ChunkEngine:
                 found = await state.store.fetch(chunk_id, priority, others_left)
             else:
                 with state.fetching() as scope:
-                    found = await state.store.fetch(chunk_id, priority, others_left, held)
+                    found = await state.store.fetch(chunk_id, priority, others_left)
                 if scope.cancelled_caught:
                     problems.append(f"{state.store} set aside after errors")
-                    return _LATER
+                    return None
             state.answered = trio.current_time()
         except CafuseError as e:
             problems.append(str(e))
-            later = getattr(e, "timed_out", False) and others_left
+            stalled = getattr(e, "timed_out", False) and others_left
             # A store that answered another chunk since the try began is
             # not down: only this request got stuck.
-            if not (later and state.answered > e.began):
+            if not (stalled and state.answered > e.began):
                 self._set_aside(state, e)
-            return _LATER if later else None
+            return _STALLED if stalled else None
         if found is None:
             problems.append(f"missing from {state.store}")
         return found
