@@ -145,8 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     mount.set_defaults(run=cmd_mount)
 
-    umount = _command(commands, "umount", "unmount a cafuse mount", None)
-    umount.add_argument("mountpoint", metavar="MOUNTPOINT")
+    umount = _command(commands, "umount", "unmount a cafuse mount",
+                      "Unmount the cafuse mount at MOUNTPOINT (through fusermount3, so "
+                      "the user who mounted it may); a mount of any other type is "
+                      "refused and left alone.")
+    umount.add_argument("mountpoint", metavar="MOUNTPOINT",
+                        help="where the archive is mounted")
     umount.set_defaults(run=cmd_umount)
 
     cache = _command(commands, "cache", "inspect or shrink the disk cache",

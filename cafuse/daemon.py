@@ -23,7 +23,7 @@ from . import fusesession
 from .errors import CafuseError, UsageError, first_error
 from .inputs import Input, Options, open_input
 from .mount import INIT_FLAGS, BlobFS, TreeFS
-from .mountinfo import canonical, device_of
+from .mountinfo import canonical, device_of, mount_at
 from .store import is_url
 
 log = logging.getLogger("cafuse")
@@ -38,6 +38,7 @@ class MountRequest:
 
 
 READ_AHEAD_KB = 1024
+SUBTYPE = "cafuse"   # the mount's type is fuse.cafuse
 
 
 def mounted(mountpoint: str) -> bool:
@@ -93,7 +94,7 @@ async def serve(request: MountRequest, ready) -> None:
         raise UsageError(f"{request.index}: mount takes a .caidx or .caibx index")
     try:
         fs = await build_fs(inp)
-        options = ["ro", "default_permissions", "subtype=cafuse",
+        options = ["ro", "default_permissions", f"subtype={SUBTYPE}",
                    f"fsname={request.index}", *request.fuse_options]
         mount = fusesession.Mount(request.mountpoint, options)
         try:
@@ -209,8 +210,12 @@ def _message(error: BaseException) -> str:
 
 
 def unmount(mountpoint: str) -> None:
-    if not mounted(mountpoint):
+    """Unmount a cafuse mount, and nothing else (root may unmount anything)."""
+    found = mount_at(mountpoint)
+    if found is None:
         raise UsageError(f"{mountpoint}: not mounted")
+    if found[1] != f"fuse.{SUBTYPE}":
+        raise UsageError(f"{mountpoint}: not a cafuse mount (a {found[1]} mount)")
     done = subprocess.run(["fusermount3", "-u", "--", canonical(mountpoint)],
                           capture_output=True, text=True, timeout=60)
     if done.returncode:

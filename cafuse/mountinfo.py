@@ -18,13 +18,23 @@ _LINKS_MAX = 40  # the kernel's own limit of symlinks in one path
 def device_of(mountpoint: str) -> str | None:
     """The "major:minor" of the mount at ``mountpoint`` (the one on top),
     or None if nothing is mounted there."""
-    target, device = os.fsencode(canonical(mountpoint)), None
+    found = mount_at(mountpoint)
+    return found and found[0]
+
+
+def mount_at(mountpoint: str) -> tuple[str, str] | None:
+    """The "major:minor" and the file system type (e.g. "fuse.cafuse") of
+    the mount at ``mountpoint`` (the one on top), or None if nothing is
+    mounted there."""
+    target, found = os.fsencode(canonical(mountpoint)), None
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split(b" ")
             if unescape(fields[4]) == target:
-                device = fields[2].decode()
-    return device
+                # After the optional fields, " - " and the type.
+                kind = fields[fields.index(b"-", 6) + 1]
+                found = fields[2].decode(), os.fsdecode(unescape(kind))
+    return found
 
 
 def unescape(field: bytes) -> bytes:

@@ -299,6 +299,20 @@ def test_busy_mountpoint(full, tmp_path):
         assert done.returncode == 1 and "already mounted" in done.stderr
 
 
+def test_umount_leaves_other_file_systems_alone(tmp_path):
+    other = tmp_path / "tmpfs"
+    other.mkdir()
+    sh("mount", "-t", "tmpfs", "tmpfs", other)
+    try:
+        done = subprocess.run([CAFUSE, "umount", str(other)], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 1
+        assert done.stderr == f"cafuse: error: {other}: not a cafuse mount (a tmpfs mount)\n"
+        assert is_mounted(other)
+    finally:
+        sh("umount", other)
+
+
 def test_a_mountpoint_with_a_space_a_non_ascii_name_and_a_symlink(full, tmp_path):
     odd = tmp_path / "mnt żółw"
     link = tmp_path / "link"
