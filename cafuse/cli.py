@@ -15,7 +15,7 @@ from . import __version__, flags as ff
 from .daemon import (MountRequest, check_mountpoint, run_background, run_foreground,
                      unmount)
 from .diskcache import DiskCache, default_dir
-from .errors import CafuseError, UsageError, first_error
+from .errors import CafuseError, UsageError
 from .http import TLSOptions
 from .inputs import (DEFAULT_CACHE_BYTES, Input, Options, default_store, index_kind,
                      is_catar, open_input, read_index)
@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Write the content of PATH in a .caidx or .catar archive, or "
                    "the whole blob of a .caibx, to stdout.")
     cat.add_argument("-o", "--output", metavar="FILE",
-                     help="write to FILE instead; it appears only once complete")
+                     help="write to FILE instead: a regular file appears only once "
+                     "complete; a FIFO or a device is written into")
     _add_sources(cat)
     cat.add_argument("path", metavar="PATH", nargs="?",
                      help="a file inside the archive (symlinks are followed); "
@@ -227,9 +228,12 @@ def _add_sources(parser, index_help=".caidx or .caibx (path or http(s) URL), or 
 
 def http_options(args) -> HTTPOptions:
     headers = list(args.header)
-    for line in os.environ.get("CAFUSE_HTTP_HEADERS", "").splitlines():
+    for number, line in enumerate(os.environ.get("CAFUSE_HTTP_HEADERS", "").splitlines(), 1):
         if line.strip():
-            headers.append(parse_header(line))
+            try:
+                headers.append(parse_header(line))
+            except argparse.ArgumentTypeError as e:
+                raise UsageError(f"$CAFUSE_HTTP_HEADERS, line {number}: {e}") from None
     tls = TLSOptions(args.ca_file, args.client_cert, args.client_key, args.insecure)
     return HTTPOptions(connections=args.connections, timeout=args.timeout,
                        retries=args.retries, headers=tuple(headers), tls=tls)
@@ -322,8 +326,9 @@ async def cmd_cat(args) -> None:
         if args.output:
             await _copy_to_file(inp, offset, size, args.output)
         else:
-            await inp.source.copy(offset, size, sys.stdout.buffer.write)
-            sys.stdout.buffer.flush()
+            out = _stdout()
+            await inp.source.copy(offset, size, _named(out.write, "stdout"))
+            _named(out.flush, "stdout")()
 
 
 async def _file_range(inp: Input, path):
@@ -337,17 +342,60 @@ async def _file_range(inp: Input, path):
 
 
 async def _copy_to_file(inp, offset, size, output):
-    tmp = f"{output}.cafuse-{os.getpid()}.tmp"
+    """A regular file (or a new one) appears only once complete: the bytes
+    go to a temporary file beside it, renamed over it.  A device or a FIFO
+    is written in place, and a symlink is followed, as ``cat >`` would."""
+    target = os.path.realpath(output)
     try:
-        with open(tmp, "wb") as f:
-            await inp.source.copy(offset, size, f.write)
-        os.rename(tmp, output)
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise CafuseError(f"{output}: {e.strerror}") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise CafuseError(f"{output}: is a directory")
+    if mode is not None and not stat.S_ISREG(mode):
+        with _output(target, output) as f:
+            await inp.source.copy(offset, size, _named(f.write, output))
+            _named(f.flush, output)()
+        return
+    tmp = f"{target}.cafuse-{os.getpid()}.tmp"
+    try:
+        with _output(tmp, output) as f:
+            await inp.source.copy(offset, size, _named(f.write, output))
+            _named(f.flush, output)()
+            if mode is not None:
+                os.chmod(f.fileno(), stat.S_IMODE(mode))
+        _named(os.rename, output)(tmp, target)
     except BaseException:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:
             pass
         raise
+
+
+def _output(path, name):
+    try:
+        return open(path, "wb")
+    except OSError as e:
+        raise CafuseError(f"{name}: {e.strerror}") from None
+
+
+def _named(call, name):
+    """``call``, with an OSError it raises told as one about ``name``."""
+    def named(*args):
+        try:
+            return call(*args)
+        except OSError as e:
+            raise CafuseError(f"{name}: {e.strerror or e}") from None
+    return named
+
+
+def _stdout():
+    if sys.stdout is None:
+        raise CafuseError("stdout: not open")
+    return sys.stdout.buffer
 
 
 def _absolute(spec: str) -> str:
@@ -421,8 +469,9 @@ async def cmd_cache_prune(args) -> None:
 
 def _print(*lines):
     text = "".join(line + "\n" for line in lines)
-    sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
-    sys.stdout.buffer.flush()
+    out = _stdout()
+    _named(out.write, "stdout")(text.encode("utf-8", "surrogateescape"))
+    _named(out.flush, "stdout")()
 
 
 def _fail(error) -> int:
@@ -440,20 +489,56 @@ def main(argv=None) -> int:
         if args.run in (cmd_mount, cmd_umount):
             args.run(args)  # they run trio themselves, after forking if asked
         else:
-            trio.run(args.run, args)
-    except CafuseError as e:
-        return _fail(e)
-    except BaseExceptionGroup as group:
-        found = first_error(group)
-        if found is None:
-            raise
-        return _fail(found)
-    except OSError as e:
-        name = f"{e.filename}: " if e.filename else ""
-        return _fail(f"{name}{e.strerror or e}")
-    except KeyboardInterrupt:
-        return 130
+            trio.run(_stoppable, args.run, args)
+    except BaseException as e:  # noqa: B036 - every ending gets its exit status
+        return _exit_status(e)
     return 0
+
+
+class _Stopped(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+async def _stoppable(run, args) -> None:
+    """``run(args)``, which SIGTERM and SIGHUP cancel as SIGINT does, so
+    that what it was writing is cleaned up."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            async def stop():
+                async for signum in signals:
+                    raise _Stopped(signum)
+            nursery.start_soon(stop)
+            await run(args)
+            nursery.cancel_scope.cancel()
+
+
+def _exit_status(error: BaseException) -> int:
+    """The exit status for what ended a command, after its one error line
+    (none for a signal); anything else is a bug, raised again."""
+    leaves = list(_leaves(error))
+    for leaf in leaves:
+        if isinstance(leaf, KeyboardInterrupt):
+            return 128 + signal.SIGINT
+        if isinstance(leaf, _Stopped):
+            return 128 + leaf.signum
+    for leaf in leaves:
+        if isinstance(leaf, CafuseError):
+            return _fail(leaf)
+    for leaf in leaves:
+        if isinstance(leaf, OSError):
+            name = f"{leaf.filename}: " if leaf.filename else ""
+            return _fail(f"{name}{leaf.strerror or leaf}")
+    raise error
+
+
+def _leaves(error: BaseException):
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
 
 
 if __name__ == "__main__":

@@ -52,9 +52,17 @@ class TLSOptions:
     insecure: bool = False
 
     def context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=self.ca_file)
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca_file)
+        except (OSError, ssl.SSLError) as e:
+            raise CafuseError(f"{self.ca_file}: not a CA bundle: {_tls_reason(e)}") from None
         if self.client_cert:
-            ctx.load_cert_chain(self.client_cert, self.client_key)
+            try:
+                ctx.load_cert_chain(self.client_cert, self.client_key)
+            except (OSError, ssl.SSLError) as e:
+                files = " or ".join(filter(None, (self.client_cert, self.client_key)))
+                raise CafuseError(f"{files}: not a client certificate and key: "
+                                  f"{_tls_reason(e)}") from None
         if self.insecure:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
@@ -128,12 +136,16 @@ class Client:
     def __init__(self, base_url: str, max_connections: int = 8,
                  headers: dict[str, str] | None = None,
                  tls: TLSOptions | None = None, max_body: int = 256 << 20):
-        parts = urlsplit(base_url)
+        try:
+            parts = urlsplit(base_url)
+            port = parts.port
+        except ValueError as e:  # a bad IPv6 literal, a port out of range
+            raise CafuseError(f"{base_url}: not a valid URL ({e})") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise CafuseError(f"{base_url}: not an http(s) URL")
         self.scheme = parts.scheme
         self.hostname = parts.hostname
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.port = port or (443 if parts.scheme == "https" else 80)
         self.host_header = parts.netloc.rpartition("@")[2]
         self.base_path = parts.path.rstrip("/")
         self.headers = [("User-Agent", "cafuse"), *(headers or {}).items()]
@@ -218,6 +230,12 @@ async def _close_quietly(conn):
             await conn.aclose()
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+
+def _tls_reason(error: OSError) -> str:
+    if isinstance(error, ssl.SSLError):
+        return error.reason.replace("_", " ").lower() if error.reason else "not PEM"
+    return error.strerror or str(error)
 
 
 def _describe(error: BaseException) -> str:

@@ -92,7 +92,10 @@ async def read_index(spec: str, http: HTTPOptions) -> Index:
 def _split_url(url: str) -> tuple[str, str]:
     """(the URL of the directory, the name with its query) of a file's URL;
     a query may hold slashes of its own."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # a bad IPv6 literal
+        raise CafuseError(f"{url}: not a valid URL ({e})") from None
     directory, _slash, name = parts.path.rpartition("/")
     query = "?" + parts.query if parts.query else ""
     return f"{parts.scheme}://{parts.netloc}{directory}", name + query

@@ -3,7 +3,10 @@
 import hashlib
 import os
 import shutil
+import signal
+import stat
 import subprocess
+import time
 
 import pytest
 
@@ -11,6 +14,7 @@ import oracle
 import trees
 
 from command import CAFUSE, fails, run
+from servers import FaultServer, environ, kill_quietly
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +218,81 @@ def test_numbers_that_are_no_number_are_refused(full):
     for flag in ("--deadline", "--timeout", "--retries", "--connections"):
         done = run("cat", f"{flag}=nan", full.index, "hello.txt", ok=False)
         assert done.returncode == 2 and b"expected a number" in done.stderr, (flag, done.stderr)
+
+
+def test_cat_output_into_a_fifo_a_symlink_and_over_a_file(casync_archive, tmp_path):
+    blob = casync_archive("blob1m")
+    want = blob.tree.read_bytes()
+    fifo, got = tmp_path / "fifo", tmp_path / "got"
+    os.mkfifo(fifo)
+    with open(got, "wb") as into:
+        reader = subprocess.Popen(["cat", fifo], stdout=into)
+    try:
+        run("cat", "-o", fifo, blob.index)
+        assert reader.wait(timeout=60) == 0 and got.read_bytes() == want
+    finally:
+        kill_quietly(reader)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)          # written into, not replaced
+    target, link = tmp_path / "target", tmp_path / "link"
+    target.write_bytes(b"old")
+    target.chmod(0o640)
+    link.symlink_to(target.name)
+    run("cat", "-o", link, blob.index)
+    assert link.is_symlink() and target.read_bytes() == want
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "got", "link", "target"]
+
+
+def test_cat_output_errors_name_the_output(full, tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    for output, message in ((tmp_path / "none" / "x", "No such file or directory"),
+                            (tmp_path, "is a directory"),
+                            (plain / "x", "Not a directory")):
+        fails("cat", "-o", output, full.index, "hello.txt", match=f"{output}: {message}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+
+
+def test_stdout_errors_are_one_line(full):
+    def with_stdout(stdout, *args, **kwargs):
+        return subprocess.run([CAFUSE, *map(str, args)], stdout=stdout,
+                              stderr=subprocess.PIPE, timeout=300, **kwargs)
+    with open("/dev/full", "wb") as full_device:
+        for args in (("cat", full.index, "random.bin"), ("ls", "-R", full.index)):
+            done = with_stdout(full_device, *args)
+            assert done.returncode == 1
+            assert done.stderr == b"cafuse: error: stdout: No space left on device\n"
+    done = with_stdout(None, "cat", full.index, "hello.txt", preexec_fn=lambda: os.close(1))
+    assert done.returncode == 1 and done.stderr == b"cafuse: error: stdout: not open\n"
+
+
+def test_malformed_urls_headers_and_tls_files_are_one_line(full, tmp_path):
+    fails("ls", "-s", "http://[::1", "--no-cache", full.index, match="http://[::1: not a valid URL")
+    fails("ls", "-s", "http://127.0.0.1:99999/", "--no-cache", full.index,
+          match="http://127.0.0.1:99999: not a valid URL")
+    fails("info", "http://[::1/x.caidx", match="http://[::1/x.caidx: not a valid URL")
+    fails("ls", full.index, env=environ(CAFUSE_HTTP_HEADERS="Accept: */*\ngarbage"),
+          match="$CAFUSE_HTTP_HEADERS, line 2: not a header")
+    https = "https://127.0.0.1:1/store"
+    fails("ls", "-s", https, "--ca-file", tmp_path / "none", "--no-cache", full.index,
+          match=f"{tmp_path / 'none'}: not a CA bundle: No such file or directory")
+    fails("ls", "-s", https, "--ca-file", full.index, "--no-cache", full.index,
+          match=f"{full.index}: not a CA bundle")
+    fails("ls", "-s", https, "--client-cert", full.index, "--no-cache", full.index,
+          match=f"{full.index}: not a client certificate and key")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_ends_a_command_quietly_and_leaves_no_temporary_file(casync_archive,
+                                                                      tmp_path, signum):
+    blob = casync_archive("blob1m")
+    with FaultServer(blob.store, lambda path, count: "stall") as server:
+        proc = subprocess.Popen([CAFUSE, "cat", "--no-cache", "-s", server.url, "-o",
+                                 tmp_path / "out", blob.index], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 30
+        while not server.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signum and err == b"", err
+    assert list(tmp_path.iterdir()) == []
