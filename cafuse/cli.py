@@ -443,8 +443,17 @@ def cmd_umount(args) -> None:
     unmount(args.mountpoint)
 
 
+def _existing_cache(args) -> DiskCache:
+    """The disk cache in --cache-dir, which must be one already: looking
+    at a cache must not make one in whatever directory was named."""
+    path = args.cache_dir or default_dir()
+    if not os.path.exists(os.path.join(path, "index.sqlite")):
+        raise CafuseError(f"{path}: no cafuse disk cache there")
+    return DiskCache(path, args.cache_size)
+
+
 async def cmd_cache_stats(args) -> None:
-    cache = DiskCache(args.cache_dir or default_dir(), args.cache_size)
+    cache = _existing_cache(args)
     usage = await trio.to_thread.run_sync(cache.usage)
     lines = [f"Cache:         {cache.path}",
              f"Entries:       {usage.entries} chunks in {usage.packs} pack files",
@@ -458,7 +467,7 @@ async def cmd_cache_stats(args) -> None:
 
 
 async def cmd_cache_prune(args) -> None:
-    cache = DiskCache(args.cache_dir or default_dir(), args.cache_size)
+    cache = _existing_cache(args)
     target = args.cache_size if args.max_size is None else args.max_size
     freed = await trio.to_thread.run_sync(cache.prune, target)
     usage = await trio.to_thread.run_sync(cache.usage)

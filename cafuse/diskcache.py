@@ -81,6 +81,7 @@ class DiskCache:
         self._lock = threading.Lock()
         self._fds: dict[int, int] = {}      # pack id -> read fd
         self._writing: tuple[int, int, int] | None = None  # pack id, fd, size
+        self._committed = 0
         self._touched: dict[int, float] = {}
         self._pending: dict[bytes, tuple[int, int, int]] = {}
         self._flushed = time.monotonic()
@@ -149,10 +150,12 @@ class DiskCache:
             try:
                 written = os.pwrite(fd, record, offset)
             except OSError as e:
+                _truncate(fd, offset)
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise DiskFull(f"cache directory {self.path}: {e.strerror}") from None
                 raise CafuseError(f"cache directory {self.path}: {e.strerror}") from None
             if written != len(record):  # the file system ran out of room midway
+                _truncate(fd, offset)
                 raise DiskFull(f"cache directory {self.path}: short write "
                                f"({written} of {len(record)} bytes)")
             self._writing = (pack, fd, offset + len(record))
@@ -191,7 +194,12 @@ class DiskCache:
         except BaseException:
             if self._db.in_transaction:
                 self._query("ROLLBACK")
+            # The rows are lost (a full disk, say): so is the room their
+            # records take, unless the pack goes back to what was committed.
+            _truncate(self._writing[1], self._committed)
+            self._writing = (pack, self._writing[1], self._committed)
             raise
+        self._committed = end
         if not alive:  # another process pruned our pack: start a new one
             self._forget(pack)
         elif total > self.max_bytes:
@@ -208,10 +216,13 @@ class DiskCache:
 
     def prune(self, max_bytes: int) -> int:
         """Delete least recently used packs until the cache holds at most
-        ``max_bytes``; returns bytes freed."""
+        ``max_bytes``, counting what their files take on disk (records
+        whose rows were never committed, after a crash, included), and
+        pack files that no row lists; returns bytes freed."""
         with self._lock:
             self._flush()
-            return self._prune(max_bytes)
+            freed = self._remove_unlisted()
+            return freed + self._prune(max_bytes, on_disk=True)
 
     def close(self) -> None:
         """Commit the pending rows and release files and index, even when
@@ -232,10 +243,32 @@ class DiskCache:
                     self._writing = None
                 self._db.close()
 
-    def _prune(self, max_bytes):
+    def _remove_unlisted(self) -> int:
+        """Delete pack files without a row (a prune that died between its
+        commit and its unlinks).  The files are listed before the rows are
+        read: a new pack's row is committed before its file is made."""
+        files = {}
+        for name in os.listdir(self.packs):
+            stem, dot, suffix = name.partition(".")
+            if stem.isdigit() and dot and suffix == "pack":
+                files[int(stem)] = name
+        listed = {row[0] for row in self._query("SELECT id FROM pack")}
+        freed = 0
+        for pack in files.keys() - listed:
+            path = os.path.join(self.packs, files[pack])
+            try:
+                freed += os.stat(path).st_size
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        return freed
+
+    def _prune(self, max_bytes, on_disk=False):
         self._query("BEGIN IMMEDIATE")
         try:
             packs = self._query("SELECT id, bytes FROM pack ORDER BY used").fetchall()
+            if on_disk:
+                packs = [(pack, max(size, self._file_size(pack))) for pack, size in packs]
             total = sum(size for _id, size in packs)
             freed, doomed = 0, []
             for pack, size in packs:
@@ -284,6 +317,7 @@ class DiskCache:
                 raise DiskFull(f"cache directory {self.path}: {e.strerror}") from None
             raise CafuseError(f"cache directory {self.path}: {e.strerror}") from None
         self._writing = (pack, fd, 0)
+        self._committed = 0    # its end, as far as rows are committed
         return self._writing
 
     def _reader(self, pack):
@@ -317,6 +351,12 @@ class DiskCache:
     def _pack_file(self, pack):
         return os.path.join(self.packs, f"{pack}.pack")
 
+    def _file_size(self, pack):
+        try:
+            return os.stat(self._pack_file(pack)).st_size
+        except FileNotFoundError:
+            return 0
+
     def _query(self, sql, args=()):
         try:
             return self._db.execute(sql, args)
@@ -340,3 +380,11 @@ def _check(chunk_id: bytes, data: bytes) -> bytes:
 
 def _reason(error):
     return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+
+
+def _truncate(fd, size):
+    """Give back the room past ``size`` (best effort: it is only room)."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        pass

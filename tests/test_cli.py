@@ -296,3 +296,11 @@ def test_a_signal_ends_a_command_quietly_and_leaves_no_temporary_file(casync_arc
         _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 128 + signum and err == b"", err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_commands_make_no_cache_where_there_is_none(tmp_path):
+    for command in ("stats", "prune"):
+        fails("cache", command, "--cache-dir", tmp_path, match=f"{tmp_path}: no cafuse disk cache")
+        fails("cache", command, "--cache-dir", tmp_path / "none",
+              match=f"{tmp_path / 'none'}: no cafuse disk cache")
+    assert list(tmp_path.iterdir()) == []

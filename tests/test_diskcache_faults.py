@@ -132,3 +132,41 @@ def test_calls_that_come_after_the_close_do_nothing(tmp_path):
     again = DiskCache(str(tmp_path), 1 << 30)
     assert again.get(cid(old)) == old and again.get(cid(new)) is None
     again.close()
+
+
+def test_records_whose_rows_a_full_index_lost_give_their_room_back(tmp_path):
+    c = DiskCache(str(tmp_path), 1 << 30)
+    c._db.execute("PRAGMA max_page_count = %d" % c._db.execute("PRAGMA page_count").fetchone()[0])
+    with pytest.raises(CafuseError):
+        for i in range(2000):
+            d = i.to_bytes(4, "big") * 64
+            c.put(cid(d), d)
+        c.flush()
+    listed = c._db.execute("SELECT COALESCE(SUM(bytes), 0) FROM pack").fetchone()[0]
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "packs").iterdir())
+    assert on_disk == listed
+
+
+def test_a_short_write_leaves_no_partial_record(tmp_path, monkeypatch):
+    c = DiskCache(str(tmp_path), 1 << 30)
+    d = b"x" * 1000
+    c.put(cid(d), d); c.flush()
+    size = (tmp_path / "packs" / "1.pack").stat().st_size
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, at: real_pwrite(fd, data[:100], at))
+    with pytest.raises(DiskFull, match="short write"):
+        c.put(cid(b"y" * 1000), b"y" * 1000)
+    assert (tmp_path / "packs" / "1.pack").stat().st_size == size
+
+
+def test_a_prune_frees_what_packs_take_on_disk(tmp_path):
+    c = DiskCache(str(tmp_path), 1 << 30)
+    d = b"x" * 1000
+    c.put(cid(d), d); c.close()
+    with open(tmp_path / "packs" / "1.pack", "ab") as f:
+        f.write(b"\0" * 5000)                    # records whose rows were lost
+    (tmp_path / "packs" / "7.pack").write_bytes(b"\0" * 3000)   # a pack no row lists
+    c = DiskCache(str(tmp_path), 1 << 30)
+    assert c.prune(0) == 1032 + 5000 + 3000
+    c.close()
+    assert list((tmp_path / "packs").iterdir()) == []
