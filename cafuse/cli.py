@@ -15,7 +15,7 @@ from . import __version__, flags as ff
 from .daemon import (MountRequest, check_mountpoint, run_background, run_foreground,
                      unmount)
 from .diskcache import DiskCache, default_dir
-from .errors import CafuseError, UsageError
+from .errors import CafuseError, FormatError, UsageError
 from .http import TLSOptions
 from .inputs import (DEFAULT_CACHE_BYTES, Input, Options, default_store, index_kind,
                      is_catar, open_input, read_index)
@@ -500,7 +500,7 @@ def main(argv=None) -> int:
         else:
             trio.run(_stoppable, args.run, args)
     except BaseException as e:  # noqa: B036 - every ending gets its exit status
-        return _exit_status(e)
+        return _exit_status(e, getattr(args, "index", None))
     return 0
 
 
@@ -523,9 +523,10 @@ async def _stoppable(run, args) -> None:
             nursery.cancel_scope.cancel()
 
 
-def _exit_status(error: BaseException) -> int:
+def _exit_status(error: BaseException, index: str | None) -> int:
     """The exit status for what ended a command, after its one error line
-    (none for a signal); anything else is a bug, raised again."""
+    (none for a signal); anything else is a bug, raised again.  A format
+    error names the ``index`` (or .catar) it was found in."""
     leaves = list(_leaves(error))
     for leaf in leaves:
         if isinstance(leaf, KeyboardInterrupt):
@@ -533,6 +534,8 @@ def _exit_status(error: BaseException) -> int:
         if isinstance(leaf, _Stopped):
             return 128 + leaf.signum
     for leaf in leaves:
+        if isinstance(leaf, FormatError) and index and not str(leaf).startswith(index):
+            return _fail(f"{index}: {leaf}")
         if isinstance(leaf, CafuseError):
             return _fail(leaf)
     for leaf in leaves:

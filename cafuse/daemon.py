@@ -20,7 +20,7 @@ import trio
 
 from .archive import Archive
 from . import fusesession
-from .errors import CafuseError, UsageError, first_error
+from .errors import CafuseError, FormatError, UsageError, first_error
 from .inputs import Input, Options, open_input
 from .mount import INIT_FLAGS, BlobFS, TreeFS
 from .mountinfo import canonical, device_of, mount_at
@@ -76,8 +76,11 @@ async def build_fs(inp: Input):
                 else os.stat(inp.path).st_mtime_ns)
     if inp.is_tree:
         archive = Archive(stream)
-        root = await archive.root()
-        await archive.places(root)
+        try:
+            root = await archive.root()
+            await archive.places(root)
+        except FormatError as e:  # e.g. a blob index named .caidx
+            raise FormatError(f"{inp.path}: {e}") from None
         return TreeFS(stream, root, mtime_ns)
     if stream.size:
         await stream.read(0, 1)

@@ -537,7 +537,7 @@ class ChunkEngine:
                     continue
                 data = chunk.decode(*found, chunk_id, size, self.digest)
             except CafuseError as e:
-                problems.append(f"{e} ({state.store})")
+                problems.append(_problem(e, chunk_id, state.store))
                 continue
             return str(state.store), data, len(found[0]), problems
         return None, None, 0, problems
@@ -670,7 +670,7 @@ class ChunkEngine:
         chunk and the store's position."""
         while True:
             store = self._far_stores[position].store
-            problems.append(f"{error} ({store})")
+            problems.append(_problem(error, want[0], store))
             log.warning("%s (store %s)", error, store)
             position, found = await self._fetch_with_deadline(want[0], problems, position + 1,
                                                               priority, until, stalled)
@@ -684,6 +684,9 @@ class ChunkEngine:
     async def _fetch_with_deadline(self, chunk_id, problems, start, priority, until, stalled):
         with trio.move_on_at(until):
             return await self._fetch(chunk_id, problems, start, priority, stalled)
+        if not problems:  # no store said anything: name those that were asked
+            problems.append("no answer from " + ", ".join(
+                str(state.store) for state in self._far_stores[start:]))
         problems.append(f"not delivered within {self.deadline:g} s")
         message = f"chunk {chunk_id.hex()}: " + "; ".join(problems)
         self._remember_failure(chunk_id, priority, message)
@@ -745,7 +748,7 @@ class ChunkEngine:
                     return None
             state.answered = trio.current_time()
         except CafuseError as e:
-            problems.append(str(e))
+            problems.append(_problem(e, chunk_id, state.store))
             stalled = getattr(e, "timed_out", False) and others_left
             # A store that answered another chunk since the try began is
             # not down: only this request got stuck.
@@ -906,3 +909,10 @@ class ChunkEngine:
                 await trio.sleep(0.01)
             return True
         return False
+
+
+def _problem(error, chunk_id, store) -> str:
+    """What ``store`` said of a chunk, for the error that lists what every
+    store said (and names the chunk once)."""
+    text = str(error).removeprefix(f"chunk {chunk_id.hex()}: ")
+    return text if text.startswith(str(store)) else f"{text} ({store})"

@@ -129,6 +129,8 @@ def is_url(spec: str) -> bool:
 
 
 def open_store(spec: str, options: HTTPOptions):
+    if not spec:
+        raise CafuseError("-s '': a store is a directory or an http(s) URL, not nothing")
     if is_url(spec):
         return HTTPStore(spec, options)
     if "://" in spec:

@@ -163,8 +163,10 @@ def test_corrupt_chunk(casync_archive, tmp_path):
     victim = chunk_files(store)[3]
     os.chmod(victim, 0o644)
     victim.write_bytes(oracle_recompress(made, victim))
-    fails("cat", "-s", store, "-o", tmp_path / "out", made.index,
-          match="does not match its id")
+    line = fails("cat", "-s", store, "-o", tmp_path / "out", made.index,
+                 match=f"chunk {victim.name.removesuffix('.cacnk')}: content does not match "
+                 f"its id ({store})")
+    assert line.count(victim.name.removesuffix(".cacnk")) == 1
 
 
 def oracle_recompress(made, victim):
@@ -187,7 +189,16 @@ def test_second_store_supplies_what_the_first_lacks(casync_archive, tmp_path):
 
 def test_missing_store(casync_archive, tmp_path):
     made = casync_archive("blob1m")
-    fails("cat", "-s", tmp_path / "nostore", made.index, match="chunk store not found")
+    line = fails("cat", "-s", tmp_path / "nostore", made.index, match="chunk store not found")
+    assert line.count(str(tmp_path / "nostore")) == 1
+    fails("cat", "-s", "", made.index, match="-s '': a store is a directory or an http(s) URL")
+
+
+def test_a_blob_index_named_as_a_tree_is_named_in_the_error(casync_archive, tmp_path):
+    made = casync_archive("blob1m")
+    named = tmp_path / "named.caidx"
+    shutil.copy(made.index, named)
+    fails("ls", "-s", made.store, named, match=f"{named}: expected an ENTRY record")
 
 
 def test_bad_flag(full):

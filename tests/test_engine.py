@@ -127,6 +127,13 @@ async def test_a_store_that_looks_down_is_skipped_while_another_is_left():
     assert len(dead.calls) == calls              # set aside: not asked again
 
 
+async def test_a_chunk_no_store_answered_in_time_names_the_stores_asked():
+    (a, da), = [chunk(1)]
+    eng = engine([Store("hung", [(a, da)], lambda cid, n: "stall")], deadline=0.2)
+    with pytest.raises(ChunkError, match="no answer from hung; not delivered within 0.2 s"):
+        await eng.get(a, len(da))
+
+
 async def behind_a_hung_store(tmp_path, chunks, options, deadline):
     """``chunks`` got from a hung HTTP store (it connects, never answers)
     followed by a local store that has them."""
