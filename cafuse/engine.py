@@ -295,6 +295,11 @@ class ChunkEngine:
         self._disk_failures = {True: 0, False: 0}
         self._disk_warned = -DISK_WARN_EVERY
 
+    @property
+    def remote_stores(self) -> set[str]:
+        """The names of the stores whose chunks go to the disk cache."""
+        return {str(state.store) for state in self._far_stores if not state.store.blocking}
+
     async def get(self, chunk_id: bytes, size: int, remember: bool = True) -> bytes:
         """The verified chunk; ``remember=False`` keeps it out of the memory
         LRU (for bulk reads that would only flush it)."""

@@ -1,5 +1,6 @@
 """``cafuse prefetch``: every chunk of an index into the disk cache."""
 
+import logging
 import time
 from array import array
 
@@ -8,6 +9,8 @@ import trio
 from .engine import ChunkEngine
 from .index import Index
 from .listing import size_text
+
+log = logging.getLogger("cafuse")
 
 _BATCH_CHUNKS = 16
 _WORKERS = 8
@@ -88,4 +91,13 @@ def _summary(engine, chunks, total, elapsed):
     for source, count in sorted(stats.sources.items()):
         lines.append(f"  from {source}: {count} chunks")
     lines.append(f"Transferred {size_text(stats.transferred)} from stores.")
+    near = sum(count for source, count in stats.sources.items()
+               if source not in engine.remote_stores and source not in ("disk cache", "memory"))
+    if near:
+        lines.append(f"{near} chunks came from local stores or seeds, which are read in place: "
+                     f"they are not copied into the disk cache.")
+    if engine.disk is not None and total > engine.disk.max_bytes:
+        log.warning("the index holds %s, more than the disk cache's bound of %s "
+                    "(--cache-size): not all of it stays cached",
+                    size_text(total), size_text(engine.disk.max_bytes))
     return lines
