@@ -155,14 +155,14 @@ class Archive:
         stack, parts, links = [root], deque(path.split(b"/")), 0
         while parts:
             part = parts.popleft()
+            if not stack[-1].is_dir:  # "file/", "file/." and "file/.." too
+                raise NotFoundError(f"{_show(path)}: not a directory")
             if part in (b"", b"."):
                 continue
             if part == b"..":
                 if len(stack) > 1:
                     stack.pop()
                 continue
-            if not stack[-1].is_dir:
-                raise NotFoundError(f"{_show(path)}: not a directory")
             child = await self.lookup(stack[-1], part)
             if child is None:
                 raise NotFoundError(f"{_show(path)}: no such file or directory")

@@ -143,6 +143,9 @@ def default_store(index_spec: str) -> str:
 
 def parse_seed(spec: str) -> Seed:
     """``INDEX[:FILE]``; FILE defaults to INDEX without its suffix."""
+    if is_url(spec):
+        raise CafuseError(f"--seed {spec}: a seed is a local index and the file it "
+                          f"describes, not a URL")
     index, sep, file = spec.partition(":")
     return Seed(read_index_file(index), file if sep else os.path.splitext(index)[0])
 

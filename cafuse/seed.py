@@ -6,6 +6,7 @@ its id, so a seed file that changed since it was indexed only costs misses.
 """
 
 import os
+import stat
 
 from . import chunk
 from .errors import CafuseError, ChunkError
@@ -25,6 +26,11 @@ class Seed:
             self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
             raise CafuseError(f"seed {self.path}: {e.strerror}") from None
+        mode = os.fstat(self._fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            os.close(self._fd)
+            raise CafuseError(f"seed {self.path}: not a regular file or block device "
+                              f"(the blob the seed index describes)")
 
     def __str__(self) -> str:
         return f"seed {self.path}"

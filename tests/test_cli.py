@@ -72,6 +72,8 @@ def test_ls_path(full):
 
 def test_cat_file(full):
     assert run("cat", full.index, "dir/sub/deep.txt").stdout == b"deep\n"
+    for path in ("hello.txt/", "hello.txt/.", "dir/sub/deep.txt/..", "dir-link/"):
+        fails("cat", full.index, path, match=f"{path}: not a directory")
     data = run("cat", full.index, "random.bin").stdout
     assert data == (full.tree / "random.bin").read_bytes()
     assert run("cat", full.index, "dir-link").stdout == b"deep\n"
@@ -315,3 +317,11 @@ def test_cache_commands_make_no_cache_where_there_is_none(tmp_path):
         fails("cache", command, "--cache-dir", tmp_path / "none",
               match=f"{tmp_path / 'none'}: no cafuse disk cache")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_seed_must_be_a_local_index_and_its_blob(casync_archive, tmp_path):
+    made = casync_archive("blob1m")
+    fails("cat", "--seed", f"{made.index}:{tmp_path}", made.index,
+          match=f"seed {tmp_path}: not a regular file or block device")
+    fails("cat", "--seed", "http://127.0.0.1:1/x.caibx", made.index,
+          match="--seed http://127.0.0.1:1/x.caibx: a seed is a local index")
