@@ -31,14 +31,15 @@ are fetched; each is verified against its id, and chunks from remote stores
 are kept in a bounded disk cache shared by all cafuse processes.
 """
 
-EPILOG = """\
-environment:
-  CASYNC_STORE         default chunk store when no -s is given
-  CAFUSE_HTTP_HEADERS  extra HTTP request headers, one "Name: value" per line
-                       (e.g. Authorization); never logged
-  XDG_CACHE_HOME       the default cache is $XDG_CACHE_HOME/cafuse
-                       (/var/cache/cafuse for root)
-"""
+ENVIRONMENT = {
+    "CASYNC_STORE": "  CASYNC_STORE         default chunk store when no -s is given\n",
+    "CAFUSE_HTTP_HEADERS": "  CAFUSE_HTTP_HEADERS  extra HTTP request headers, one \"Name: value\" "
+                           "per line\n                       (e.g. Authorization); never logged\n",
+    "XDG_CACHE_HOME": "  XDG_CACHE_HOME       the default cache is $XDG_CACHE_HOME/cafuse\n"
+                      "                       (/var/cache/cafuse for root)\n",
+}
+EPILOG = "environment:\n" + "".join(ENVIRONMENT.values())
+_SOURCES = tuple(ENVIRONMENT)   # what commands that read archives heed
 
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = _command(commands, "info", "describe an index",
                     "Show an index's type, stream size, chunk statistics, digest "
-                    "and feature flags.")
+                    "and feature flags.", environment=("CAFUSE_HTTP_HEADERS",))
     _add_http(info)
     info.add_argument("index", metavar="INDEX", help=".caibx, .caidx (path or URL) or .catar")
     info.set_defaults(run=cmd_info)
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="return once the mount is usable (exit 0), or with the "
                        "error (exit 1) leaving nothing mounted")
     mount.add_argument("--log-file", metavar="FILE",
-                       help="where a background mount logs (default: nowhere)")
+                       help="where the mount logs (default: stderr in the "
+                       "foreground, nowhere in the background)")
     _add_sources(mount, index_help=".caidx or .caibx (path or http(s) URL)")
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     mount.set_defaults(run=cmd_mount)
@@ -149,18 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     umount = _command(commands, "umount", "unmount a cafuse mount",
                       "Unmount the cafuse mount at MOUNTPOINT (through fusermount3, so "
                       "the user who mounted it may); a mount of any other type is "
-                      "refused and left alone.")
+                      "refused and left alone.", environment=())
     umount.add_argument("mountpoint", metavar="MOUNTPOINT",
                         help="where the archive is mounted")
     umount.set_defaults(run=cmd_umount)
 
+    cache_env = ("XDG_CACHE_HOME",)
     cache = _command(commands, "cache", "inspect or shrink the disk cache",
-                     "Show the disk cache's size, or prune it to a size.")
+                     "Show the disk cache's size, or prune it to a size.", cache_env)
     actions = cache.add_subparsers(dest="action", required=True, metavar="ACTION")
-    stats = _command(actions, "stats", "entries, bytes, age of the cache", None)
+    stats = _command(actions, "stats", "entries, bytes, age of the cache", None, cache_env)
     prune = _command(actions, "prune", "delete least recently used chunks",
                      "Delete least recently used chunks until the cache holds at "
-                     "most SIZE.")
+                     "most SIZE.", cache_env)
     prune.add_argument("--max-size", type=parse_size, default=None, metavar="SIZE",
                        help="target size (default: --cache-size, "
                        f"{size_text(DEFAULT_CACHE_BYTES)}; 0 empties the cache)")
@@ -171,11 +174,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command(commands, name, summary, description):
-    sub = commands.add_parser(name, help=summary, description=description, epilog=EPILOG,
+def _command(commands, name, summary, description, environment=_SOURCES):
+    """A subcommand whose help lists the ``environment`` variables it heeds."""
+    epilog = "".join(ENVIRONMENT[name] for name in environment)
+    sub = commands.add_parser(name, help=summary, description=description,
+                              epilog=epilog and "environment:\n" + epilog,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     sub.add_argument("-v", "--verbose", action="count", default=0,
                      help="log more (-v: info, -vv: debug); warnings are always shown")
+    sub.set_defaults(parser=sub)  # to say what is wrong with its own usage line
     return sub
 
 
@@ -436,7 +443,21 @@ def cmd_mount(args) -> None:
     if args.background:
         run_background(request, args.log_file)
     else:
+        if args.log_file:
+            _log_to(args.log_file)
         run_foreground(request)
+
+
+def _log_to(path: str) -> None:
+    """Log to the file ``path`` instead of stderr (which keeps the one
+    error line a failed command ends with)."""
+    try:
+        handler = logging.FileHandler(path)
+    except OSError as e:
+        raise CafuseError(f"{path}: {e.strerror}") from None
+    root = logging.getLogger()
+    handler.setFormatter(root.handlers[0].formatter)
+    root.handlers = [handler]
 
 
 def cmd_umount(args) -> None:
@@ -491,7 +512,9 @@ def _fail(error) -> int:
 def main(argv=None) -> int:
     # Behave like cat(1) when the reader of a pipe goes away.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="cafuse: %(levelname)s: %(message)s")
     try:

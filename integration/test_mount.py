@@ -299,6 +299,20 @@ def test_busy_mountpoint(full, tmp_path):
         assert done.returncode == 1 and "already mounted" in done.stderr
 
 
+def test_a_foreground_mount_logs_to_its_log_file(full, tmp_path):
+    log = tmp_path / "mount.log"
+    proc = start_foreground(full.index, tmp_path / "mnt", "-v", "--no-cache", "-s", full.store,
+                            "--log-file", log)
+    try:
+        subprocess.run([CAFUSE, "umount", str(tmp_path / "mnt")], check=True, timeout=60)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        kill_quietly(proc)
+        teardown_mount(tmp_path / "mnt")
+    assert proc.stderr.read() == b""
+    assert f"cafuse: INFO: mounted {full.index} on {tmp_path / 'mnt'}" in log.read_text()
+
+
 def test_umount_leaves_other_file_systems_alone(tmp_path):
     other = tmp_path / "tmpfs"
     other.mkdir()

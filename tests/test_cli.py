@@ -206,6 +206,17 @@ def test_a_blob_index_named_as_a_tree_is_named_in_the_error(casync_archive, tmp_
 def test_bad_flag(full):
     done = run("ls", "--bogus", full.index, ok=False)
     assert done.returncode == 2 and b"Traceback" not in done.stderr
+    for args in (("info", "-s", "x", full.index), ("cache", "stats", "--bogus")):
+        done = run(*args, ok=False)
+        usage = f"usage: cafuse {' '.join(a for a in args[:2] if not a.startswith('-'))} "
+        assert done.returncode == 2 and done.stderr.decode().startswith(usage), done.stderr
+
+
+def test_help_lists_only_the_environment_a_command_heeds():
+    assert "environment" not in run("umount", "--help").stdout.decode()
+    cache_help = run("cache", "stats", "--help").stdout.decode()
+    assert "XDG_CACHE_HOME" in cache_help and "CASYNC_STORE" not in cache_help
+    assert "CASYNC_STORE" in run("cat", "--help").stdout.decode()
 
 
 def test_sizes_that_are_no_size_are_refused(full):
