@@ -88,12 +88,23 @@ class DiskCache:
         self._closed = False
         try:
             os.makedirs(self.packs, exist_ok=True)
-            self._db = sqlite3.connect(os.path.join(path, "index.sqlite"), timeout=30,
-                                       check_same_thread=False, isolation_level=None)
+        except OSError as e:
+            raise CafuseError(f"cache directory {path}: {self.packs}: {e.strerror} "
+                              f"(not a cafuse cache?)") from None
+        index = os.path.join(path, "index.sqlite")
+        try:
+            self._db = sqlite3.connect(index, timeout=30, check_same_thread=False,
+                                       isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as e:
+        except sqlite3.Error as e:
+            if getattr(e, "sqlite_errorcode", None) in (sqlite3.SQLITE_NOTADB,
+                                                        sqlite3.SQLITE_CORRUPT):
+                raise CafuseError(f"cache directory {path}: {index}: {e}; it is only a "
+                                  f"cache: remove the directory to start a new one") from None
+            raise CafuseError(f"cache directory {path}: {_reason(e)}") from None
+        except OSError as e:
             raise CafuseError(f"cache directory {path}: {_reason(e)}") from None
 
     def get(self, chunk_id: bytes) -> bytes | None:

@@ -170,3 +170,15 @@ def test_a_prune_frees_what_packs_take_on_disk(tmp_path):
     assert c.prune(0) == 1032 + 5000 + 3000
     c.close()
     assert list((tmp_path / "packs").iterdir()) == []
+
+
+def test_a_cache_dir_that_is_no_cache_says_what_to_do(tmp_path):
+    (tmp_path / "index.sqlite").write_bytes(b"garbage" * 1000)
+    with pytest.raises(CafuseError, match="index.sqlite: file is not a database; it is only "
+                       "a cache: remove the directory to start a new one"):
+        DiskCache(str(tmp_path), 1 << 20)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "packs").write_bytes(b"")
+    with pytest.raises(CafuseError, match="packs: File exists"):
+        DiskCache(str(other), 1 << 20)
