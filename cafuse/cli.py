@@ -228,7 +228,9 @@ def _add_sources(parser, index_help=".caidx or .caibx (path or http(s) URL), or 
     parser.add_argument("--no-cache", action="store_true", help="use no disk cache")
     parser.add_argument("--deadline", type=SECONDS, default=60.0, metavar="SECONDS",
                         help="give up on a chunk after this long, all stores and "
-                        "retries included (default: 60)")
+                        "retries included; a store that has not answered a request "
+                        "a quarter of it after it got a connection is raced "
+                        "by the next stores (default: 60)")
     _add_http(parser)
     parser.add_argument("index", metavar="INDEX", help=index_help)
 

@@ -7,7 +7,9 @@ store is verified against its id before it is cached or returned.
 Concurrent requests for one chunk share one load.  A store that looks down
 (after its own retries) is set aside for a back-off period while another
 store is left, so one dead mirror costs one deadline, not one per chunk; it
-is tried again when the period ends.  The disk cache, a seed or a local
+is tried again when the period ends, and meanwhile last, for a chunk that
+no other store has.  A remote store slow to answer one chunk is raced by
+the next stores.  The disk cache, a seed or a local
 store (read in worker threads, which a hung NFS server never lets go) is
 skipped while a read from it that was given up on has run for a quarter
 of the deadline, until those reads return.  A chunk that no source can
@@ -16,6 +18,7 @@ deliver raises ChunkError naming the chunk and what each store said.
 
 import collections
 import contextlib
+import heapq
 import logging
 import math
 import os
@@ -31,6 +34,7 @@ import trio
 from . import chunk
 from .diskcache import DiskCache, DiskFull
 from .errors import CafuseError, ChunkError, ChunkTimeout, single_errors
+from .http import HTTPError
 from .slots import Priority
 
 log = logging.getLogger("cafuse")
@@ -80,29 +84,46 @@ class _StoreState:
         self.place = _Place(str(store))   # as a local store read in a hop
         self.down_until = 0.0
         self.answered = -math.inf        # when it last answered a fetch (trio's clock)
-        self._fetches: set[trio.CancelScope] = set()
+        self._fetches: set[_Fetch] = set()
 
     def available(self) -> bool:
         return self.down_until <= time.monotonic()
 
     @contextlib.contextmanager
-    def fetching(self):
-        """A scope for one fetch from this store, cancelled if the store is
-        set aside meanwhile."""
-        scope = trio.CancelScope()
-        self._fetches.add(scope)
+    def fetching(self, then=None):
+        """One fetch from this store, cancelled if the store is set aside
+        meanwhile; its ``held()`` says it holds a connection (and calls
+        ``then()``)."""
+        fetch = _Fetch(then)
+        self._fetches.add(fetch)
         try:
-            with scope:
-                yield scope
+            with fetch.scope:
+                yield fetch
         finally:
-            self._fetches.discard(scope)
+            self._fetches.discard(fetch)
 
-    def set_aside(self, seconds: float) -> None:
-        """Skip this store for ``seconds``; fetches waiting on it (for a
-        connection, or for an answer) give up now."""
+    def set_aside(self, seconds: float, spare_holding: bool = False) -> None:
+        """Skip this store for ``seconds``; fetches waiting on it give up
+        now: those queued for a connection, and unless ``spare_holding``,
+        those waiting for an answer."""
         self.down_until = time.monotonic() + seconds
-        for scope in self._fetches:
-            scope.cancel()
+        for fetch in self._fetches:
+            if not (spare_holding and fetch.holding):
+                fetch.scope.cancel()
+
+
+class _Fetch:
+    __slots__ = ("scope", "holding", "then")
+
+    def __init__(self, then):
+        self.scope = trio.CancelScope()
+        self.holding = False
+        self.then = then
+
+    def held(self) -> None:
+        self.holding = True
+        if self.then is not None:
+            self.then()
 
 
 class _Shared:
@@ -118,7 +139,85 @@ class _Shared:
         self.error = None
 
 
-_STALLED = object()   # what _ask says of a store whose try timed out
+_LATER = object()    # what _ask says of a store to ask again last
+
+
+class _Race:
+    """One chunk's search of the stores: the copy that won (``won``: the
+    store's position and the fetched bytes), the requests still running
+    while the next stores are searched (``rivals``: _Ask), and the scopes
+    of those searches (``searches``)."""
+    __slots__ = ("won", "rivals", "searches")
+
+    def __init__(self):
+        self.won = None
+        self.rivals = set()
+        self.searches = set()
+
+
+class _Ask:
+    """A remote store's request for a chunk that the next stores could
+    serve.  ``scope`` holds the request; ``held`` is when it got its
+    connection; ``searched`` is set, once the hedger has seen it lag, when
+    the search of the next stores (``go_on``, a task of its own) ends."""
+    __slots__ = ("state", "scope", "held", "done", "go_on", "searched")
+
+    def __init__(self, state, go_on):
+        self.state, self.go_on = state, go_on
+        self.scope = trio.CancelScope()
+        self.held = math.inf
+        self.done = False
+        self.searched = None
+
+
+class _Hedger:
+    """One task per load: when a request that the next stores could serve
+    has held its connection for ``after`` seconds without an answer, it
+    ``fire``s.  A timer per load, not per chunk: a task per chunk would
+    double what the event loop spends on a chunk."""
+
+    def __init__(self, after, fire):
+        self._after, self._fire = after, fire
+        self._due = []              # (when, count, _Ask), a heap
+        self._count = 0
+        self._wake = trio.Event()
+        self._until = math.inf      # when run() wakes up by itself
+        self._scope = trio.CancelScope()
+
+    def held(self, ask: _Ask) -> None:
+        ask.held = trio.current_time()
+        when = ask.held + self._after
+        heapq.heappush(self._due, (when, self._count, ask))
+        self._count += 1
+        if when < self._until:
+            self._wake.set()
+
+    async def run(self) -> None:
+        """Until ``stop()``."""
+        with self._scope:
+            while True:
+                now = trio.current_time()
+                while self._due and self._due[0][0] <= now:
+                    ask = heapq.heappop(self._due)[2]
+                    if not ask.done:
+                        self._fire(ask)
+                self._wake = trio.Event()
+                self._until = self._due[0][0] if self._due else math.inf
+                with trio.move_on_at(self._until):
+                    await self._wake.wait()
+
+    def stop(self) -> None:
+        self._scope.cancel()
+
+
+@dataclass
+class _Load:
+    """What a chunk's search needs of its load: a nursery for the searches
+    a hedge starts, the hedger (None where no store can be raced), and
+    the load's deadline."""
+    nursery: trio.Nursery
+    hedger: _Hedger | None
+    until: float
 
 
 class _Abandoned(Exception):
@@ -266,6 +365,9 @@ class ChunkEngine:
         self.stats = Stats()
         # A place whose given-up call has run this long is skipped.
         self._stuck_after = deadline / 4
+        # A remote store that has not answered a chunk this long after the
+        # request got a connection: the next stores are asked too.
+        self._hedge_after = deadline / 4
         self._disk_place = _Place("the disk cache")
         self._writer_hop = _Hop(0, detached=True)
         self._writer_hop.abandoned = True
@@ -276,6 +378,7 @@ class ChunkEngine:
         # worker-thread hop as the disk cache and seeds.
         split = next((k for k, s in enumerate(states) if not s.store.blocking), len(states))
         self._near_stores, self._far_stores = states[:split], states[split:]
+        self._raced = any(not s.store.blocking for s in self._far_stores[:-1])
         self._memory = cachetools.LRUCache(memory_bytes, getsizeof=len) \
             if memory_bytes else None
         self._loading: dict[bytes, _Shared] = {}
@@ -596,7 +699,8 @@ class ChunkEngine:
         # than the stores may slow it down, but not the readers who join it.
         patient = not any(priority[wanted[k][0]].urgent for k, _problems in far)
         waiting = []        # its chunks that wait for room, in groups
-        stalled = {k: {} for k, _problems in far}   # stores whose try timed out
+        passed = {k: {} for k, _problems in far}   # stores to ask last, per chunk
+        hedger = _Hedger(self._hedge_after, self._hedge) if self._raced else None
 
         def keep(delivered):
             left = self._put_disk(delivered)
@@ -609,7 +713,7 @@ class ChunkEngine:
         async def fetch(k, problems):
             try:
                 position, found = await self._fetch_with_deadline(
-                    wanted[k][0], problems, 0, priority[wanted[k][0]], until, stalled[k])
+                    wanted[k], problems, 0, priority[wanted[k][0]], passed[k], load)
             except CafuseError as e:
                 arrived_in.send_nowait((k, problems, None, e))
             else:
@@ -618,8 +722,8 @@ class ChunkEngine:
         async def again(k, problems, position, error):
             try:
                 results[k], position = await self._far_again(
-                    wanted[k], problems, position, error, priority[wanted[k][0]], until,
-                    stalled[k])
+                    wanted[k], problems, position, error, priority[wanted[k][0]], passed[k],
+                    load)
             except CafuseError as e:
                 arrived_in.send_nowait((k, problems, None, e))
                 return
@@ -662,23 +766,28 @@ class ChunkEngine:
                     if dropped:
                         log.debug("%d chunks not cached: the disk cache is behind", dropped)
                     raise failures[0]
+            if hedger is not None:
+                hedger.stop()
 
         with single_errors():
             async with trio.open_nursery() as nursery:
+                load = _Load(nursery, hedger, until)
+                if hedger is not None:
+                    nursery.start_soon(hedger.run)
                 nursery.start_soon(decode_arrivals, nursery)
                 for k, problems in far:
                     nursery.start_soon(fetch, k, problems)
 
-    async def _far_again(self, want, problems, position, error, priority, until, stalled):
+    async def _far_again(self, want, problems, position, error, priority, passed, load):
         """After ``error`` from the store at ``position``: the next stores,
-        one at a time, until ``until``, then those that ``stalled``; the
-        chunk and the store's position."""
+        until the load's deadline, then those ``passed`` over; the chunk
+        and the store's position."""
         while True:
             store = self._far_stores[position].store
             problems.append(_problem(error, want[0], store))
             log.warning("%s (store %s)", error, store)
-            position, found = await self._fetch_with_deadline(want[0], problems, position + 1,
-                                                              priority, until, stalled)
+            position, found = await self._fetch_with_deadline(want, problems, position + 1,
+                                                              priority, passed, load)
             outcome = await trio.to_thread.run_sync(self._decode, want, position, found,
                                                     limiter=self._limiter)
             if not isinstance(outcome, ChunkError):
@@ -686,9 +795,18 @@ class ChunkEngine:
                 return outcome, position
             error = outcome
 
-    async def _fetch_with_deadline(self, chunk_id, problems, start, priority, until, stalled):
-        with trio.move_on_at(until):
-            return await self._fetch(chunk_id, problems, start, priority, stalled)
+    async def _fetch_with_deadline(self, want, problems, start, priority, passed, load):
+        """(store position, (raw bytes, compressed)) from the first of the
+        remaining stores, from ``start`` on, that has the chunk, by the
+        load's deadline.  A store ``passed`` over (set aside, timed out
+        while others were left, or outrun: its position -> whether it has
+        had its last try) gets its full tries once, after them, if none of
+        them had the chunk."""
+        chunk_id = want[0]
+        with trio.move_on_at(load.until):
+            race = _Race()
+            await self._search(race, want, problems, start, priority, passed, load)
+            return race.won or await self._ask_passed(chunk_id, problems, priority, passed)
         if not problems:  # no store said anything: name those that were asked
             problems.append("no answer from " + ", ".join(
                 str(state.store) for state in self._far_stores[start:]))
@@ -705,39 +823,117 @@ class ChunkEngine:
             self._failed.expire()
             self._failed[chunk_id] = message
 
-    async def _fetch(self, chunk_id, problems, start, priority, stalled):
-        """(store position, (raw bytes, compressed)) from the first of the
-        remaining stores, from ``start`` on, that has the chunk.  A store
-        whose try timed out while others were left gets its full tries
-        once, after them, if none of them had the chunk, set aside or not
-        (``stalled``: its position -> whether it had them)."""
-        for position in range(start, len(self._far_stores)):
-            state = self._far_stores[position]
-            if position in stalled:
-                continue
-            if not state.available():
-                problems.append(f"{state.store} set aside after errors")
-                continue
-            others_left = any(other.available() for other in self._far_stores[position + 1:])
-            found = await self._ask(state, chunk_id, problems, priority, others_left)
-            if found is _STALLED:
-                stalled[position] = False
-            elif found is not None:
-                return position, found
-        for position, had_them in stalled.items():
+    async def _ask_passed(self, chunk_id, problems, priority, passed):
+        """The last try of each store passed over, in turn."""
+        for position, had_them in passed.items():
             if had_them:
                 continue
-            stalled[position] = True
+            passed[position] = True
             found = await self._ask(self._far_stores[position], chunk_id, problems, priority,
                                     others_left=False, last_try=True)
-            if found is not None:
+            if found is not None and found is not _LATER:
                 return position, found
         raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems or ["no stores"]))
 
-    async def _ask(self, state, chunk_id, problems, priority, others_left, last_try=False):
+    async def _search(self, race, want, problems, start, priority, passed, load):
+        """Ask the stores from ``start`` on, in order, until one wins ``race``."""
+        for position in range(start, len(self._far_stores)):
+            state = self._far_stores[position]
+            if race.won is not None:
+                return
+            if position in passed:
+                continue
+            if not state.available():
+                problems.append(f"{state.store} set aside after errors")
+                passed[position] = False
+                continue
+            others_left = any(other.available() for other in self._far_stores[position + 1:])
+            if others_left and not state.store.blocking and load.hedger is not None:
+                if await self._ask_racing(race, want, problems, position, priority, passed,
+                                          load):
+                    return
+                continue
+            found = await self._ask(state, want[0], problems, priority, others_left)
+            if found is _LATER:
+                passed[position] = False
+            elif found is not None and await self._claim(race, want, problems, position, found):
+                return
+
+    async def _ask_racing(self, race, want, problems, position, priority, passed, load):
+        """Ask a remote store that others follow.  If its request holds a
+        connection for a quarter of the deadline without an answer, the
+        hedger starts the search of the next stores beside it (keeping the
+        request: a slow store's answer is not lost); the first copy that
+        verifies wins.  Whether the search is over (won, or the next
+        stores searched)."""
+        state = self._far_stores[position]
+
+        async def go_on():
+            if not ask.done:
+                race.rivals.add(ask)
+            with trio.move_on_at(load.until) as scope:
+                race.searches.add(scope)
+                await self._search(race, want, problems, position + 1, priority, passed, load)
+            race.searches.discard(scope)
+            ask.searched.set()
+        ask = _Ask(state, lambda: load.nursery.start_soon(go_on))
+        found = None
+        with ask.scope:
+            found = await self._ask(state, want[0], problems, priority, True,
+                                    lambda: load.hedger.held(ask))
+        ask.done = True
+        race.rivals.discard(ask)
+        if found is _LATER:
+            passed[position] = False
+        elif found is not None and await self._claim(race, want, problems, position, found):
+            return True
+        if ask.searched is None:
+            return race.won is not None
+        if race.won is None:
+            await ask.searched.wait()
+        return True
+
+    def _hedge(self, ask):
+        """A request has held its connection for a quarter of the deadline
+        without an answer: the next stores are searched beside it.  A store
+        that has answered nothing since is down, or hung: set aside, which
+        moves on the requests queued for it, but not those it holds."""
+        ask.searched = trio.Event()
+        if ask.state.answered < ask.held:
+            self._set_aside(ask.state, HTTPError(
+                f"{ask.state.store}: no answer within {self._hedge_after:g} s", True),
+                spare_holding=True)
+        ask.go_on()
+
+    async def _claim(self, race, want, problems, position, found):
+        """Whether the race is over with the copy from ``position``: it
+        wins at once if the chunk was never raced, else once it verifies (a
+        corrupt copy must not cost a good store its request); the requests
+        and searches it outruns are given up.  False if it is corrupt: the
+        search goes on."""
+        if race.won is None and (race.rivals or race.searches):
+            outcome = await trio.to_thread.run_sync(self._decode, want, position, found,
+                                                    limiter=self._limiter)
+            if isinstance(outcome, ChunkError):
+                store = self._far_stores[position].store
+                problems.append(_problem(outcome, want[0], store))
+                log.warning("%s (store %s)", outcome, store)
+                return False
+        if race.won is None:
+            race.won = position, found
+            for rival in race.rivals:
+                rival.scope.cancel()
+            for search in race.searches:  # the claimant's own has nothing left to wait for
+                search.cancel()
+        return True
+
+    async def _ask(self, state, chunk_id, problems, priority, others_left, held=None,
+                   last_try=False):
         """The chunk from one store; None (and why, in ``problems``) if it
-        has not got it, _STALLED if a try timed out while ``others_left``.
-        A ``last_try`` goes on when the store is set aside meanwhile."""
+        has not got it, _LATER if it is to be asked again last: a try
+        timed out while ``others_left``, or the store was set aside
+        meanwhile.  ``held()`` is called once the request holds a
+        connection.  A ``last_try`` goes on when the store is set aside."""
         try:
             if state.store.blocking:
                 found = await trio.to_thread.run_sync(state.store.load, chunk_id,
@@ -746,20 +942,21 @@ class ChunkEngine:
             elif last_try:
                 found = await state.store.fetch(chunk_id, priority, others_left)
             else:
-                with state.fetching() as scope:
-                    found = await state.store.fetch(chunk_id, priority, others_left)
-                if scope.cancelled_caught:
+                with state.fetching(held) as fetch:
+                    found = await state.store.fetch(chunk_id, priority, others_left,
+                                                    fetch.held)
+                if fetch.scope.cancelled_caught:
                     problems.append(f"{state.store} set aside after errors")
-                    return None
+                    return _LATER
             state.answered = trio.current_time()
         except CafuseError as e:
             problems.append(_problem(e, chunk_id, state.store))
-            stalled = getattr(e, "timed_out", False) and others_left
+            later = getattr(e, "timed_out", False) and others_left
             # A store that answered another chunk since the try began is
             # not down: only this request got stuck.
-            if not (stalled and state.answered > e.began):
+            if not (later and state.answered > e.began):
                 self._set_aside(state, e)
-            return _STALLED if stalled else None
+            return _LATER if later else None
         if found is None:
             problems.append(f"missing from {state.store}")
         return found
@@ -850,7 +1047,7 @@ class ChunkEngine:
             self._disk_warned = now
             log.warning("%s", message)
 
-    def _set_aside(self, state, error):
+    def _set_aside(self, state, error, spare_holding=False):
         """After ``error`` (its own retries spent), skip a store that looks
         down (no connection, timeouts, 5xx) for a while, so a dead mirror
         costs one deadline, not one per chunk.  An answer about one chunk
@@ -861,7 +1058,7 @@ class ChunkEngine:
             return
         if not any(other.available() for other in self._far_stores if other is not state):
             return
-        state.set_aside(self.backoff)
+        state.set_aside(self.backoff, spare_holding)
         log.warning("%s; setting store %s aside for %g s", error, state.store, self.backoff)
 
     def _account(self, source, raw_size=0):

@@ -80,16 +80,17 @@ class HTTPStore:
         return self.url
 
     async def fetch(self, chunk_id: bytes, priority: Priority | None = None,
-                    others_left: bool = False) -> tuple[bytes, bool] | None:
+                    others_left: bool = False, held=None) -> tuple[bytes, bool] | None:
         """The compressed chunk, or None on 404/410.  Connection errors,
         timeouts, 5xx and 429 are retried with exponential back-off and
         jitter; what still fails raises HTTPError.  With ``others_left``
         (another store would be asked next), a request that timed out is
         not tried again: a hung server would keep the chunk for all its
-        tries, which may outlast the chunk's deadline."""
+        tries, which may outlast the chunk's deadline.  ``held()`` is
+        called once the request holds a connection."""
         return await fetch_with_retries(self.client, chunk_path(chunk_id) + SUFFIX,
                                         self.options, missing_ok=True, priority=priority,
-                                        retry_timeouts=not others_left)
+                                        retry_timeouts=not others_left, held=held)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -97,13 +98,15 @@ class HTTPStore:
 
 async def fetch_with_retries(client: Client, path: str, options: HTTPOptions,
                              missing_ok: bool, priority: Priority | None = None,
-                             retry_timeouts: bool = True) -> tuple[bytes, bool] | None:
+                             retry_timeouts: bool = True, held=None) -> tuple[bytes, bool] | None:
     delay, attempt = options.backoff, 0
     # One place among the client's requests in flight for all the tries: a
     # try that queued again behind every other chunk would, on a dead store
     # with a long queue, never run out of tries within the chunk's
     # deadline, so the store would never be set aside for the next one.
     async with client.slots.hold(priority or Priority()):
+        if held is not None:
+            held()
         while True:
             try:
                 response = await client.get_in_slot(path, options.timeout)

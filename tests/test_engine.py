@@ -43,7 +43,9 @@ class Store:
     def __str__(self):
         return self.name
 
-    async def fetch(self, cid, priority=None, others_left=False):
+    async def fetch(self, cid, priority=None, others_left=False, held=None):
+        if held is not None:   # a connection at once
+            held()
         self.calls.append(cid)
         what = self.fault(cid, self.calls.count(cid))
         if what == "stall":
@@ -65,7 +67,9 @@ class Staggered(Store):
         super().__init__(name, chunks)
         self.delays, self.refused, self.corrupt, self.rest = delays, refused, corrupt, rest
 
-    async def fetch(self, cid, priority=None, others_left=False):
+    async def fetch(self, cid, priority=None, others_left=False, held=None):
+        if held is not None:   # a connection at once
+            held()
         self.calls.append(cid)
         await trio.sleep(self.delays.get(cid, self.rest))
         if cid == self.refused:
@@ -171,6 +175,129 @@ async def test_a_hung_store_hands_its_chunk_on_after_one_timeout(tmp_path):
     with trio.fail_after(0.8):
         assert await behind_a_hung_store(tmp_path, chunks, options, 1.0) == \
             [d for _cid, d in chunks]
+
+
+async def test_a_hung_store_hands_its_chunks_on_within_a_deadline_below_its_timeout(
+        tmp_path):
+    # No try times out within the 2 s deadline: the next store is asked
+    # once a request has held a connection for a quarter of it.
+    chunks = [chunk(n) for n in range(20)]
+    options = HTTPOptions(connections=2, timeout=10.0, retries=3, backoff=0.01)
+    with trio.fail_after(1.5):
+        assert await behind_a_hung_store(tmp_path, chunks, options, 2.0) == \
+            [d for _cid, d in chunks]
+
+
+async def test_a_slow_store_keeps_its_request_while_the_next_is_asked():
+    # The mirror lacks x: the first store's answer, 0.6 s after the
+    # request (the next store was asked at 0.25 s), is not lost.
+    (x, dx), = [chunk(1)]
+    slow, partial = Staggered([(x, dx)], {x: 0.6}, name="slow"), Store("partial", [])
+    eng = engine([slow, partial], deadline=1.0)
+    with trio.fail_after(0.9):
+        assert await eng.get(x, len(dx)) == dx
+    assert slow.calls == [x] and partial.calls == [x]
+
+
+async def test_the_first_store_to_deliver_wins():
+    (x, dx), = [chunk(1)]
+    slow, mirror = Staggered([(x, dx)], {x: 5.0}, name="slow"), Staggered([(x, dx)], {x: 0.1})
+    eng = engine([slow, mirror], deadline=2.0)
+    start = trio.current_time()
+    assert await eng.get(x, len(dx)) == dx
+    assert trio.current_time() - start < 1.0
+    assert eng.stats.sources["remote"] == 1
+
+
+async def test_requests_queued_for_a_connection_are_not_raced():
+    # One connection, 0.2 s a chunk: the last of ten chunks waits 1.8 s
+    # for it, past a quarter of the deadline, but holds it only 0.2 s.
+    chunks = [chunk(n) for n in range(10)]
+    one_line, mirror = OneLineStore("one line", chunks, delay=0.2), Store("mirror", chunks)
+    eng = engine([one_line, mirror], deadline=4.0)
+    assert await eng.get_many([_want(c) for c in chunks]) == [d for _c, d in chunks]
+    assert mirror.calls == []
+
+
+async def test_a_store_outrun_with_no_answer_since_is_set_aside_and_asked_last():
+    # y: the slow store is outrun by the mirror, and has answered nothing
+    # since it was asked: it is set aside.  z, which only it has, is still
+    # asked of it, last.
+    (y, dy), (z, dz) = chunk(1), chunk(2)
+    slow = Staggered([(y, dy), (z, dz)], {y: 5.0, z: 0.3}, name="slow")
+    mirror = Staggered([(y, dy)], {y: 0.05}, name="mirror")
+    eng = engine([slow, mirror], deadline=2.0)
+    assert await eng.get(y, len(dy)) == dy
+    assert not eng._far_stores[0].available()
+    with trio.fail_after(1.5):
+        assert await eng.get(z, len(dz)) == dz
+
+
+async def test_a_corrupt_copy_from_the_next_store_does_not_cost_a_slow_store_its_request():
+    # slow needs 1.2 s of the 1.5 s deadline; the next store answers at
+    # once, with a corrupt copy, after the race starts at 0.375 s: it must
+    # not win (slow's request, restarted, would miss the deadline).
+    (x, dx), = [chunk(1)]
+    slow = Staggered([(x, dx)], {x: 1.2}, name="slow")
+    corrupt = Staggered([(x, dx)], {x: 0.0}, corrupt=x, name="corrupt")
+    eng = engine([slow, corrupt], deadline=1.5)
+    assert await eng.get(x, len(dx)) == dx
+    assert slow.calls == [x]
+
+
+async def test_an_outrun_slow_store_keeps_its_other_requests_in_flight():
+    # y and z need 1.6 s of a 2 s deadline from the slow store, both in
+    # flight from 0 s; the mirror, with y only, is asked at 0.5 s and
+    # wins y.  The slow store, silent since 0 s, is set aside, but z's
+    # request, which holds a connection, goes on.
+    (y, dy), (z, dz) = chunk(1), chunk(2)
+    slow = Staggered([(y, dy), (z, dz)], {y: 1.6, z: 1.6}, name="slow")
+    mirror = Staggered([(y, dy)], {y: 0.05}, name="mirror")
+    eng = engine([slow, mirror], deadline=2.0)
+    got = {}
+
+    async def get(cid, data):
+        got[cid] = await eng.get(cid, len(data))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(get, y, dy)
+        nursery.start_soon(get, z, dz)
+    assert got == {y: dy, z: dz}
+    assert slow.calls == [y, z]
+
+
+async def test_a_hung_store_is_set_aside_when_the_next_store_lacks_what_it_holds(tmp_path):
+    # --deadline below --timeout; chunks 0 and 1 hold the hung store's two
+    # connections, and the local store lacks them.  When they are raced,
+    # the store (silent since) is set aside, so 2..5, queued for a
+    # connection, move on to the local store, which has them.
+    chunks = [chunk(n) for n in range(6)]
+    for cid, data in chunks[2:]:
+        path = tmp_path / chunk_path(cid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    options = HTTPOptions(connections=2, timeout=10.0, retries=3, backoff=0.01)
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)
+        dead = HTTPStore(f"http://127.0.0.1:{hole.getsockname()[1]}", options)
+        eng = ChunkEngine([dead, LocalStore(str(tmp_path))], "sha256", deadline=2.0,
+                          backoff=60.0)
+        got, lost = {}, []
+
+        async def get(c, after):
+            await trio.sleep(after)
+            try:
+                got[c[0]] = await eng.get(*_want(c))
+            except ChunkError:
+                lost.append(c[0])
+        try:
+            with trio.fail_after(3):
+                async with trio.open_nursery() as nursery:
+                    for n, c in enumerate(chunks):
+                        nursery.start_soon(get, c, 0 if n < 2 else 0.05)
+        finally:
+            await eng.aclose()
+    assert got == dict(chunks[2:]) and sorted(lost) == sorted(c[0] for c in chunks[:2])
 
 
 @pytest.mark.parametrize("others_left", [False, True])
@@ -289,7 +416,9 @@ class Hiccups(Store):
         super().__init__("hiccups", chunks)
         self.hang, self.delays = hang, delays
 
-    async def fetch(self, cid, priority=None, others_left=False):
+    async def fetch(self, cid, priority=None, others_left=False, held=None):
+        if held is not None:   # a connection at once
+            held()
         self.calls.append(cid)
         began = trio.current_time()
         if cid in self.hang and others_left:
@@ -334,7 +463,9 @@ class Scripted(Store):
         self.with_others, self.full, self.delays = with_others, full, delays or {}
         self.full_tries = []
 
-    async def fetch(self, cid, priority=None, others_left=False):
+    async def fetch(self, cid, priority=None, others_left=False, held=None):
+        if held is not None:   # a connection at once
+            held()
         began = trio.current_time()
         if not others_left:
             self.full_tries.append(cid)
@@ -514,10 +645,10 @@ class OneLineStore(Store):
         self.slots = Slots(1)
         self.asked = []
 
-    async def fetch(self, cid, priority=None, others_left=False):
+    async def fetch(self, cid, priority=None, others_left=False, held=None):
         self.asked.append(cid)
         async with self.slots.hold(priority or Priority()):
-            return await super().fetch(cid)
+            return await super().fetch(cid, held=held)
 
 
 async def test_a_reader_moves_the_readahead_it_waits_for_to_the_front():
@@ -617,7 +748,7 @@ def _corrupting(store):
     """``store.fetch``, but chunks its fault calls "corrupt" come back wrong."""
     fetch = store.fetch
 
-    async def corrupting(cid, priority=None, others_left=False):
+    async def corrupting(cid, priority=None, others_left=False, held=None):
         if store.fault(cid, 1) == "corrupt":
             await trio.sleep(0)
             return b"x" * len(store.chunks[cid]), False
