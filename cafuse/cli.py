@@ -111,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Write the content of PATH in a .caidx or .catar archive, or "
                    "the whole blob of a .caibx, to stdout.")
     cat.add_argument("-o", "--output", metavar="FILE",
-                     help="write to FILE instead: a regular file appears only once "
-                     "complete; a FIFO or a device is written into")
+                     help="write to FILE instead (- is stdout): a regular file appears "
+                     "only once complete; a FIFO or a device is written into")
     _add_sources(cat)
     cat.add_argument("path", metavar="PATH", nargs="?",
                      help="a file inside the archive (symlinks are followed); "
@@ -332,7 +332,7 @@ async def cmd_cat(args) -> None:
                              f"PATH '{args.path}' is not allowed")
         else:
             offset, size = 0, inp.source.size
-        if args.output:
+        if args.output and args.output not in ("-", "/dev/stdout"):
             await _copy_to_file(inp, offset, size, args.output)
         else:
             out = _stdout()
@@ -354,9 +354,8 @@ async def _copy_to_file(inp, offset, size, output):
     """A regular file (or a new one) appears only once complete: the bytes
     go to a temporary file beside it, renamed over it.  A device or a FIFO
     is written in place, and a symlink is followed, as ``cat >`` would."""
-    target = os.path.realpath(output)
     try:
-        mode = os.stat(target).st_mode
+        mode = os.stat(output).st_mode
     except FileNotFoundError:
         mode = None
     except OSError as e:
@@ -364,10 +363,11 @@ async def _copy_to_file(inp, offset, size, output):
     if mode is not None and stat.S_ISDIR(mode):
         raise CafuseError(f"{output}: is a directory")
     if mode is not None and not stat.S_ISREG(mode):
-        with _output(target, output) as f:
+        with _output(output, output) as f:
             await inp.source.copy(offset, size, _named(f.write, output))
             _named(f.flush, output)()
         return
+    target = os.path.realpath(output)
     tmp = f"{target}.cafuse-{os.getpid()}.tmp"
     try:
         with _output(tmp, output) as f:
@@ -418,6 +418,10 @@ def fuse_options(groups: list[str]) -> list[str]:
     wanted = [o for group in groups for o in group.split(",") if o]
     if "rw" in wanted:
         raise UsageError("-o rw: a cafuse mount is read-only")
+    for option in wanted:
+        if option.startswith("subtype="):
+            raise UsageError(f"-o {option}: the type of a cafuse mount is fuse.cafuse "
+                             f"(cafuse umount goes by it)")
     return [o for o in wanted if o != "auto_unmount"]
 
 
@@ -514,38 +518,41 @@ def _fail(error) -> int:
 def main(argv=None) -> int:
     # Behave like cat(1) when the reader of a pipe goes away.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    args, unknown = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
     if unknown:
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        words = sys.argv[1:] if argv is None else list(argv)
+        before = words.index(args.command) > words.index(unknown[0]) \
+            if unknown[0] in words else False
+        (parser if before else args.parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="cafuse: %(levelname)s: %(message)s")
     try:
         if args.run in (cmd_mount, cmd_umount):
             args.run(args)  # they run trio themselves, after forking if asked
         else:
-            trio.run(_stoppable, args.run, args)
+            _stop_like_sigint(signal.SIGTERM, signal.SIGHUP)
+            trio.run(args.run, args)
     except BaseException as e:  # noqa: B036 - every ending gets its exit status
         return _exit_status(e, getattr(args, "index", None))
     return 0
 
 
-class _Stopped(Exception):
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+_signalled = []   # the signal that stopped the command, if not SIGINT
 
 
-async def _stoppable(run, args) -> None:
-    """``run(args)``, which SIGTERM and SIGHUP cancel as SIGINT does, so
-    that what it was writing is cleaned up."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery:
-            async def stop():
-                async for signum in signals:
-                    raise _Stopped(signum)
-            nursery.start_soon(stop)
-            await run(args)
-            nursery.cancel_scope.cancel()
+def _stop_like_sigint(*signums) -> None:
+    """Make these signals stop a command as SIGINT does (trio raises
+    KeyboardInterrupt, wherever the command is, even in a blocked write),
+    so that what it was writing is cleaned up.  A signal ignored (nohup)
+    stays ignored."""
+    def interrupt(signum, _frame):
+        _signalled.append(signum)
+        signal.raise_signal(signal.SIGINT)
+    for signum in signums:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, interrupt)
 
 
 def _exit_status(error: BaseException, index: str | None) -> int:
@@ -555,11 +562,9 @@ def _exit_status(error: BaseException, index: str | None) -> int:
     leaves = list(_leaves(error))
     for leaf in leaves:
         if isinstance(leaf, KeyboardInterrupt):
-            return 128 + signal.SIGINT
-        if isinstance(leaf, _Stopped):
-            return 128 + leaf.signum
+            return 128 + (_signalled[0] if _signalled else signal.SIGINT)
     for leaf in leaves:
-        if isinstance(leaf, FormatError) and index and not str(leaf).startswith(index):
+        if isinstance(leaf, FormatError) and leaf.source is None and index:
             return _fail(f"{index}: {leaf}")
         if isinstance(leaf, CafuseError):
             return _fail(leaf)

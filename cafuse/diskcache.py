@@ -232,7 +232,11 @@ class DiskCache:
         pack files that no row lists; returns bytes freed."""
         with self._lock:
             self._flush()
-            freed = self._remove_unlisted()
+            self._query("BEGIN IMMEDIATE")  # no new pack row meanwhile
+            try:
+                freed = self._remove_unlisted()
+            finally:
+                self._query("COMMIT")
             return freed + self._prune(max_bytes, on_disk=True)
 
     def close(self) -> None:
@@ -256,8 +260,8 @@ class DiskCache:
 
     def _remove_unlisted(self) -> int:
         """Delete pack files without a row (a prune that died between its
-        commit and its unlinks).  The files are listed before the rows are
-        read: a new pack's row is committed before its file is made."""
+        commit and its unlinks), in a write transaction: a new pack's row
+        is committed before its file is made, and ids are reused."""
         files = {}
         for name in os.listdir(self.packs):
             stem, dot, suffix = name.partition(".")

@@ -1117,4 +1117,5 @@ def _problem(error, chunk_id, store) -> str:
     """What ``store`` said of a chunk, for the error that lists what every
     store said (and names the chunk once)."""
     text = str(error).removeprefix(f"chunk {chunk_id.hex()}: ")
-    return text if text.startswith(str(store)) else f"{text} ({store})"
+    named = text.startswith((f"{store}/", f"{store}:"))
+    return text if named else f"{text} ({store})"

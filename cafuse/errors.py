@@ -13,14 +13,18 @@ class FormatError(CafuseError):
     """Malformed index, catar or chunk bytes.
 
     ``offset`` is the byte position of the fault in the object being parsed
-    (the index file, or the catar stream), or None when it has none.
+    (the index file, or the catar stream), or None when it has none;
+    ``source`` names that object, if the message does.
     """
 
-    def __init__(self, message: str, offset: int | None = None):
+    def __init__(self, message: str, offset: int | None = None, source: str | None = None):
         if offset is not None:
             message = f"{message} (at offset {offset})"
+        if source is not None:
+            message = f"{source}: {message}"
         super().__init__(message)
         self.offset = offset
+        self.source = source
 
 
 class ChunkError(CafuseError):

@@ -336,3 +336,52 @@ def test_a_seed_must_be_a_local_index_and_its_blob(casync_archive, tmp_path):
           match=f"seed {tmp_path}: not a regular file or block device")
     fails("cat", "--seed", "http://127.0.0.1:1/x.caibx", made.index,
           match="--seed http://127.0.0.1:1/x.caibx: a seed is a local index")
+
+
+def test_a_signal_ends_a_command_blocked_in_a_write_and_nohup_is_heeded(casync_archive):
+    blob = casync_archive("blob5m")
+    reading, writing = os.pipe()                  # nobody reads: cat blocks in a write
+    try:
+        proc = subprocess.Popen([CAFUSE, "cat", "-s", blob.store, "--no-cache", blob.index],
+                                stdout=writing, stderr=subprocess.PIPE)
+        os.close(writing)
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    finally:
+        os.close(reading)
+        kill_quietly(proc)
+    with FaultServer(blob.store, lambda path, count: "stall") as server:
+        proc = subprocess.Popen(["nohup", CAFUSE, "cat", "--no-cache", "--deadline", "3", "-s",
+                                 server.url, blob.index], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        time.sleep(1)
+        proc.send_signal(signal.SIGHUP)           # ignored: the deadline ends it
+        _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and b"not delivered within 3 s" in err, err
+
+
+def test_cat_output_dash_and_dev_stdout_are_stdout(casync_archive, tmp_path):
+    blob = casync_archive("blob1m")
+    for output in ("-", "/dev/stdout"):
+        out = tmp_path / "out"
+        out.write_bytes(b"earlier\n")
+        with open(out, "ab") as appending:
+            done = subprocess.run([CAFUSE, "cat", "-o", output, blob.index], stdout=appending,
+                                  stderr=subprocess.PIPE, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert out.read_bytes() == b"earlier\n" + blob.tree.read_bytes()
+    assert run("cat", "-o", "-", blob.index).stdout == blob.tree.read_bytes()
+
+
+def test_a_format_error_names_the_file_it_is_in(casync_archive, tmp_path):
+    made = casync_archive("blob1m")
+    bad = tmp_path / "bad.caibx"
+    bad.write_bytes(b"junk" * 100)
+    line = fails("cat", "--seed", bad, made.index, match="not a casync index")
+    assert line.startswith(f"cafuse: error: {bad}: "), line
+
+
+def test_a_mount_of_another_type_is_refused(full, tmp_path):
+    fails("mount", "-o", "ro,subtype=other", full.index, tmp_path,
+          match="-o subtype=other: the type of a cafuse mount is fuse.cafuse")

@@ -4,6 +4,7 @@ prune that died before its unlink, a corrupt index, a full disk."""
 import errno
 import hashlib
 import os
+import threading
 
 import pytest
 from cafuse.diskcache import DiskCache, DiskFull
@@ -182,3 +183,33 @@ def test_a_cache_dir_that_is_no_cache_says_what_to_do(tmp_path):
     (other / "packs").write_bytes(b"")
     with pytest.raises(CafuseError, match="packs: File exists"):
         DiskCache(str(other), 1 << 20)
+
+
+def test_a_prune_never_deletes_a_pack_made_meanwhile(tmp_path, monkeypatch):
+    # A prune that died between its commit and its unlink left 1.pack with
+    # no row; pack ids are reused, so another process's new pack 1, made
+    # between the next prune's look at the rows and its unlink, must not
+    # be taken for it.
+    old, new = b"o" * 4096, b"n" * 4096
+    c = DiskCache(str(tmp_path), 1 << 30)
+    c.put(cid(old), old); c.close()
+    c = DiskCache(str(tmp_path), 1 << 30)
+    c._db.execute("DELETE FROM chunk"); c._db.execute("DELETE FROM pack"); c.close()
+    pruner, writer = DiskCache(str(tmp_path), 1 << 30), DiskCache(str(tmp_path), 1 << 30)
+    real_unlink, threads = os.unlink, []
+
+    def write():
+        writer.put(cid(new), new)
+        writer.flush()
+
+    def unlink(path):         # the writer makes its pack just before the prune's unlink
+        if not threads:
+            threads.append(threading.Thread(target=write))
+            threads[0].start()
+            threads[0].join(timeout=1)
+        real_unlink(path)
+    monkeypatch.setattr(os, "unlink", unlink)
+    pruner.prune(1 << 30)
+    threads[0].join(timeout=30)
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    assert writer.get(cid(new)) == new
