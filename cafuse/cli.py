@@ -21,6 +21,7 @@ from .inputs import (DEFAULT_CACHE_BYTES, Input, Options, default_store, index_k
                      is_catar, open_input, read_index)
 from .listing import long_line, quote, size_text, timestamp
 from .prefetch import prefetch
+from .signals import stop_like_sigint, stopping_signal
 from .store import HTTPOptions, is_url
 
 DESCRIPTION = """\
@@ -532,27 +533,11 @@ def main(argv=None) -> int:
         if args.run in (cmd_mount, cmd_umount):
             args.run(args)  # they run trio themselves, after forking if asked
         else:
-            _stop_like_sigint(signal.SIGTERM, signal.SIGHUP)
+            stop_like_sigint(signal.SIGTERM, signal.SIGHUP)
             trio.run(args.run, args)
     except BaseException as e:  # noqa: B036 - every ending gets its exit status
         return _exit_status(e, getattr(args, "index", None))
     return 0
-
-
-_signalled = []   # the signal that stopped the command, if not SIGINT
-
-
-def _stop_like_sigint(*signums) -> None:
-    """Make these signals stop a command as SIGINT does (trio raises
-    KeyboardInterrupt, wherever the command is, even in a blocked write),
-    so that what it was writing is cleaned up.  A signal ignored (nohup)
-    stays ignored."""
-    def interrupt(signum, _frame):
-        _signalled.append(signum)
-        signal.raise_signal(signal.SIGINT)
-    for signum in signums:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, interrupt)
 
 
 def _exit_status(error: BaseException, index: str | None) -> int:
@@ -562,7 +547,7 @@ def _exit_status(error: BaseException, index: str | None) -> int:
     leaves = list(_leaves(error))
     for leaf in leaves:
         if isinstance(leaf, KeyboardInterrupt):
-            return 128 + (_signalled[0] if _signalled else signal.SIGINT)
+            return 128 + stopping_signal()
     for leaf in leaves:
         if isinstance(leaf, FormatError) and leaf.source is None and index:
             return _fail(f"{index}: {leaf}")

@@ -24,6 +24,7 @@ from .errors import CafuseError, FormatError, UsageError, first_error
 from .inputs import Input, Options, open_input
 from .mount import INIT_FLAGS, BlobFS, TreeFS
 from .mountinfo import canonical, device_of, mount_at
+from .signals import stop_like_sigint
 from .store import is_url
 
 log = logging.getLogger("cafuse")
@@ -39,6 +40,7 @@ class MountRequest:
 
 READ_AHEAD_KB = 1024
 SUBTYPE = "cafuse"   # the mount's type is fuse.cafuse
+STOP_GRACE = 10.0    # seconds a background child given up has to unmount
 
 
 def mounted(mountpoint: str) -> bool:
@@ -175,14 +177,32 @@ def run_background(request: MountRequest, log_file: str | None) -> None:
         os._exit(code)
     os.close(wfd)
     os.close(log_fd)
-    with os.fdopen(rfd, "r") as pipe:
-        reply = pipe.readline().rstrip("\n")
+    stop_like_sigint(signal.SIGTERM, signal.SIGHUP)
+    try:
+        with os.fdopen(rfd, "r") as pipe:
+            reply = pipe.readline().rstrip("\n")
+    except KeyboardInterrupt:  # the mount is given up: so is the child
+        _stop_child(pid)
+        raise
     if reply == "ready":
         return
     if reply.startswith("error\t"):
         raise CafuseError(reply.partition("\t")[2])
     os.waitpid(pid, 0)
     raise CafuseError("the mount process ended before the mount was ready")
+
+
+def _stop_child(pid):
+    """End the child, which unmounts if it had mounted (else the
+    mount's watchdog does), and wait for it."""
+    os.kill(pid, signal.SIGTERM)
+    given_up = time.monotonic() + STOP_GRACE
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > given_up:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return
+        time.sleep(0.05)
 
 
 def _detach(log_fd):

@@ -261,6 +261,28 @@ def test_background_errors_leave_nothing_mounted(full, tmp_path):
         assert not is_mounted(mnt)
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_background_mount_given_up_takes_its_child_along(full, tmp_path, signum):
+    # The store stalls, so the child is still mounting when the command
+    # that waits for it is stopped: the child must not go on alone.
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with FaultServer(full.store, lambda path, count: "stall") as server:
+        proc = subprocess.Popen([CAFUSE, "mount", "--background", "--no-cache",
+                                 "--deadline", "60", "-s", server.url, full.index, mnt],
+                                stderr=subprocess.PIPE)
+        try:
+            time.sleep(2)
+            proc.send_signal(signum)
+            assert proc.wait(timeout=15) == 128 + signum
+        finally:
+            kill_quietly(proc)
+        left = subprocess.run(["pgrep", "-f", f"cafuse mount .*{mnt}"],
+                              capture_output=True, text=True).stdout.split()
+        assert left == [] and not is_mounted(mnt)
+        assert proc.stderr.read() == b""
+
+
 def test_a_background_mount_leaves_its_directory_and_keeps_relative_paths(full, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(full.index.parent, work)

@@ -1,0 +1,28 @@
+"""SIGTERM and SIGHUP made to stop a command as SIGINT does.
+
+Python turns SIGINT into KeyboardInterrupt wherever the main thread is,
+even blocked in a write, and trio delivers it into the running task; what
+the command was doing is then unwound and cleaned up.  The other signals
+that ask a process to end get the same treatment, and the command's exit
+status still names the signal that came.
+"""
+
+import signal
+
+_received: list[int] = []
+
+
+def stop_like_sigint(*signums: int) -> None:
+    """Make ``signums`` raise KeyboardInterrupt as SIGINT does.  A signal
+    that is ignored (as under nohup) stays ignored."""
+    def interrupt(signum, _frame):
+        _received.append(signum)
+        signal.raise_signal(signal.SIGINT)
+    for signum in signums:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, interrupt)
+
+
+def stopping_signal() -> int:
+    """The signal that stopped the command: the first that came, or SIGINT."""
+    return _received[0] if _received else signal.SIGINT
