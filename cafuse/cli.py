@@ -18,7 +18,7 @@ from .diskcache import DiskCache, default_dir
 from .errors import CafuseError, FormatError, UsageError
 from .http import TLSOptions
 from .inputs import (DEFAULT_CACHE_BYTES, Input, Options, default_store, index_kind,
-                     is_catar, open_input, read_index)
+                     is_catar, kind_doubt, open_input, read_index)
 from .listing import long_line, quote, size_text, timestamp
 from .prefetch import prefetch
 from .signals import stop_like_sigint, stopping_signal
@@ -267,7 +267,8 @@ async def cmd_info(args) -> None:
     index = await read_index(args.index, http_options(args))
     kind = {"blob": "blob index (.caibx)",
             "tree": "archive index (.caidx)"}[index_kind(args.index, index)]
-    _print(f"Type:          {kind}",
+    doubt = kind_doubt(args.index, index)
+    _print(f"Type:          {kind}" + (f"; {doubt}" if doubt else ""),
            f"Stream size:   {index.size} bytes ({size_text(index.size)})",
            f"Chunks:        {len(index)}{_chunk_size_stats(index)}",
            f"Chunker:       min {size_text(index.chunk_size_min)}, "

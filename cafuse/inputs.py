@@ -110,12 +110,29 @@ def _parse(name, data):
 
 def index_kind(path: str, index: Index) -> str:
     """"blob" or "tree": by the suffix, else by the feature flags."""
-    suffix = posixpath.splitext(urlsplit(path).path if is_url(path) else path)[1]
+    suffix = _suffix(path)
     if suffix == ".caibx":
         return "blob"
     if suffix == ".caidx":
         return "tree"
     return "tree" if index.feature_flags & _TREE_BITS else "blob"
+
+
+def _suffix(path: str) -> str:
+    return posixpath.splitext(urlsplit(path).path if is_url(path) else path)[1]
+
+
+def kind_doubt(path: str, index: Index) -> str | None:
+    """Why the kind ``index_kind`` gives may be wrong, if it may: the name
+    says one kind and the feature flags another.  (Flags with no archive
+    bit do not prove a blob: casync make --without=all writes those too.)"""
+    kind, tree_flags = index_kind(path, index), bool(index.feature_flags & _TREE_BITS)
+    if kind == "blob" and tree_flags:
+        return "its name says blob, but its feature flags are an archive's (a renamed .caidx?)"
+    if kind == "tree" and not tree_flags and _suffix(path) == ".caidx":
+        return ("its feature flags name no archive feature, as a blob's "
+                "(a renamed .caibx, or an archive made --without=all)")
+    return None
 
 
 def is_catar(path: str) -> bool:

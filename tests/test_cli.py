@@ -39,6 +39,20 @@ def test_info_blob(casync_archive):
     assert "Digest:        sha256" in out
 
 
+def test_info_says_when_name_and_feature_flags_disagree(full, casync_archive, tmp_path):
+    blob = casync_archive("blob1m")
+    (tmp_path / "blob.caidx").write_bytes(blob.index.read_bytes())
+    (tmp_path / "tree.caibx").write_bytes(full.index.read_bytes())
+    first = [run("info", tmp_path / name).stdout.decode().splitlines()[0]
+             for name in ("blob.caidx", "tree.caibx")]
+    assert first == [
+        "Type:          archive index (.caidx); its feature flags name no archive feature, "
+        "as a blob's (a renamed .caibx, or an archive made --without=all)",
+        "Type:          blob index (.caibx); its name says blob, but its feature flags "
+        "are an archive's (a renamed .caidx?)"]
+    assert ";" not in run("info", blob.index).stdout.decode().splitlines()[0]
+
+
 def test_ls_root_matches_casync_list(full):
     names = run("ls", "-s", full.store, full.index).stdout.decode().splitlines()
     listed = [p for p in oracle.mtree(full.index, full.store) if b"/" not in p and p != b"."]
