@@ -506,6 +506,7 @@ class ChunkEngine:
             if data is None:
                 far.append((k, problems))
             else:
+                _warn_corrupt(problems, wanted[k][0], source)
                 self._account(source, raw_size)
                 results[k] = data
                 on_arrival(wanted[k][0], data)
@@ -640,12 +641,16 @@ class ChunkEngine:
                 continue
             try:
                 found = self._near_call(hop, state.place, state.store.load, chunk_id)
-                if found is None:
-                    problems.append(f"missing from {state.store}")
-                    continue
-                data = chunk.decode(*found, chunk_id, size, self.digest)
             except CafuseError as e:
                 problems.append(_problem(e, chunk_id, state.store))
+                continue
+            if found is None:
+                problems.append(f"missing from {state.store}")
+                continue
+            try:
+                data = chunk.decode(*found, chunk_id, size, self.digest)
+            except ChunkError as e:
+                problems.append(_Corrupt(_problem(e, chunk_id, state.store)))
                 continue
             return str(state.store), data, len(found[0]), problems
         return None, None, 0, problems
@@ -754,7 +759,9 @@ class ChunkEngine:
                         nursery.start_soon(again, k, problems, position, outcome)
                         left += 1
                         continue
-                    self._account(str(self._far_stores[position].store), len(found[0]))
+                    store = str(self._far_stores[position].store)
+                    _warn_corrupt(problems, wanted[k][0], store)
+                    self._account(store, len(found[0]))
                     results[k] = outcome
                     on_arrival(wanted[k][0], outcome)
                     delivered.append((wanted[k][0], outcome, position))
@@ -783,15 +790,15 @@ class ChunkEngine:
         until the load's deadline, then those ``passed`` over; the chunk
         and the store's position."""
         while True:
-            store = self._far_stores[position].store
-            problems.append(_problem(error, want[0], store))
-            log.warning("%s (store %s)", error, store)
+            problems.append(_Corrupt(_problem(error, want[0], self._far_stores[position].store)))
             position, found = await self._fetch_with_deadline(want, problems, position + 1,
                                                               priority, passed, load)
             outcome = await trio.to_thread.run_sync(self._decode, want, position, found,
                                                     limiter=self._limiter)
             if not isinstance(outcome, ChunkError):
-                self._account(str(self._far_stores[position].store), len(found[0]))
+                store = str(self._far_stores[position].store)
+                _warn_corrupt(problems, want[0], store)
+                self._account(store, len(found[0]))
                 return outcome, position
             error = outcome
 
@@ -916,8 +923,7 @@ class ChunkEngine:
                                                     limiter=self._limiter)
             if isinstance(outcome, ChunkError):
                 store = self._far_stores[position].store
-                problems.append(_problem(outcome, want[0], store))
-                log.warning("%s (store %s)", outcome, store)
+                problems.append(_Corrupt(_problem(outcome, want[0], store)))
                 return False
         if race.won is None:
             race.won = position, found
@@ -1111,6 +1117,17 @@ class ChunkEngine:
                 await trio.sleep(0.01)
             return True
         return False
+
+
+class _Corrupt(str):
+    """A problem that was a copy not matching its id: a warning if another
+    store then serves the chunk (if none does, the chunk's error says it)."""
+
+
+def _warn_corrupt(problems, chunk_id, source):
+    for problem in problems:
+        if isinstance(problem, _Corrupt):
+            log.warning("chunk %s: %s; served by %s instead", chunk_id.hex(), problem, source)
 
 
 def _problem(error, chunk_id, store) -> str:

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import stat
@@ -350,6 +351,25 @@ def test_a_seed_must_be_a_local_index_and_its_blob(casync_archive, tmp_path):
           match=f"seed {tmp_path}: not a regular file or block device")
     fails("cat", "--seed", "http://127.0.0.1:1/x.caibx", made.index,
           match="--seed http://127.0.0.1:1/x.caibx: a seed is a local index")
+
+
+def test_a_corrupt_local_chunk_is_one_error_or_a_warning_if_another_store_has_it(
+        casync_archive, tmp_path):
+    blob = casync_archive("blob1m")
+    bad = tmp_path / "bad"
+    shutil.copytree(blob.store, bad)
+    victim = sorted(bad.rglob("*.cacnk"))[0]
+    victim.write_bytes(b"\x28\xb5\x2f\xfd" + b"junk" * 10)
+    cid = victim.name.removesuffix(".cacnk")
+    done = subprocess.run([CAFUSE, "cat", "--no-cache", "-s", bad, blob.index],
+                          capture_output=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count(b"\n") == 1, done.stderr
+    assert done.stderr.startswith(f"cafuse: error: chunk {cid}: ".encode()), done.stderr
+    done = subprocess.run([CAFUSE, "cat", "--no-cache", "-s", bad, "-s", blob.store, blob.index],
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == blob.tree.read_bytes()
+    assert re.fullmatch(f"cafuse: WARNING: chunk {cid}: bad zstd data: [^\n]* \\({bad}\\); "
+                        f"served by {blob.store} instead\n", done.stderr.decode()), done.stderr
 
 
 def test_a_signal_ends_a_command_blocked_in_a_write_and_nohup_is_heeded(casync_archive):

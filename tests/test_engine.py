@@ -4,6 +4,7 @@ one load of a chunk serves every reader waiting for it."""
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import socket
@@ -143,6 +144,19 @@ async def test_a_store_whose_name_begins_the_problem_is_still_named():
     eng = engine([Staggered([(x, dx)], {}, corrupt=x, name="7")])
     with pytest.raises(ChunkError, match=r": 7 bytes, index says 1000 \(7\)"):
         await eng.get(x, len(dx))
+
+
+async def test_a_corrupt_copy_is_a_warning_only_if_another_store_serves_the_chunk(caplog):
+    (x, dx), (y, dy) = chunk(1), chunk(2)
+    bad = Staggered([(x, dx), (y, dy)], {}, corrupt=x, name="bad")
+    with caplog.at_level(logging.WARNING, logger="cafuse"):
+        with pytest.raises(ChunkError, match=r": 7 bytes, index says 1000 \(bad\)$"):
+            await engine([bad]).get(x, len(dx))
+        assert caplog.records == []
+        mirror = Staggered([(x, dx)], {}, name="mirror")
+        assert await engine([bad, mirror]).get(x, len(dx)) == dx
+    assert [r.getMessage() for r in caplog.records] == [
+        f"chunk {x.hex()}: 7 bytes, index says 1000 (bad); served by mirror instead"]
 
 
 async def behind_a_hung_store(tmp_path, chunks, options, deadline):
