@@ -488,6 +488,10 @@ async def cmd_cache_stats(args) -> None:
              f"Entries:       {usage.entries} chunks in {usage.packs} pack files",
              f"Size:          {usage.bytes} bytes ({size_text(usage.bytes)}) of "
              f"{size_text(cache.max_bytes)} allowed"]
+    if usage.on_disk > usage.bytes:
+        lines.append(f"On disk:       {usage.on_disk} bytes ({size_text(usage.on_disk)}) in "
+                     f"pack files, left by processes that died while writing; "
+                     f"cafuse cache prune counts them")
     if usage.entries:
         lines += [f"Oldest use:    {timestamp(int(usage.oldest * 1e9))[:19]} UTC",
                   f"Newest use:    {timestamp(int(usage.newest * 1e9))[:19]} UTC"]

@@ -67,6 +67,7 @@ class Usage:
     packs: int
     oldest: float | None
     newest: float | None
+    on_disk: int        # what the pack files hold, rows or not
 
 
 class DiskCache:
@@ -223,7 +224,8 @@ class DiskCache:
             packs, total, oldest, newest = self._query(
                 "SELECT COUNT(*), COALESCE(SUM(bytes), 0), MIN(used), MAX(used) "
                 "FROM pack").fetchone()
-        return Usage(entries, total, packs, oldest, newest)
+            on_disk = sum(self._file_size(pack) for pack in self._pack_files())
+        return Usage(entries, total, packs, oldest, newest, on_disk)
 
     def prune(self, max_bytes: int) -> int:
         """Delete least recently used packs until the cache holds at most
@@ -262,21 +264,24 @@ class DiskCache:
         """Delete pack files without a row (a prune that died between its
         commit and its unlinks), in a write transaction: a new pack's row
         is committed before its file is made, and ids are reused."""
-        files = {}
-        for name in os.listdir(self.packs):
-            stem, dot, suffix = name.partition(".")
-            if stem.isdigit() and dot and suffix == "pack":
-                files[int(stem)] = name
         listed = {row[0] for row in self._query("SELECT id FROM pack")}
         freed = 0
-        for pack in files.keys() - listed:
-            path = os.path.join(self.packs, files[pack])
+        for pack in self._pack_files() - listed:
+            freed += self._file_size(pack)
             try:
-                freed += os.stat(path).st_size
-                os.unlink(path)
+                os.unlink(self._pack_file(pack))
             except FileNotFoundError:
                 pass
         return freed
+
+    def _pack_files(self) -> set[int]:
+        """The ids of the pack files in the directory."""
+        files = set()
+        for name in os.listdir(self.packs):
+            stem, dot, suffix = name.partition(".")
+            if stem.isdigit() and dot and suffix == "pack":
+                files.add(int(stem))
+        return files
 
     def _prune(self, max_bytes, on_disk=False):
         self._query("BEGIN IMMEDIATE")

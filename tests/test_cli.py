@@ -372,6 +372,23 @@ def test_a_corrupt_local_chunk_is_one_error_or_a_warning_if_another_store_has_it
                         f"served by {blob.store} instead\n", done.stderr.decode()), done.stderr
 
 
+def test_cache_stats_shows_pack_bytes_no_row_lists(casync_archive, tmp_path):
+    blob = casync_archive("blob1m")
+    cache = tmp_path / "cache"
+    with FaultServer(blob.store) as server:     # local stores are not copied into it
+        run("cat", "--cache-dir", cache, "-s", server.url, blob.index)
+    stats = run("cache", "stats", "--cache-dir", cache).stdout.decode()
+    indexed = int(stats.split("Size:")[1].split()[0])
+    assert "On disk:" not in stats
+    packs = sorted((cache / "packs").iterdir())
+    with open(packs[0], "ab") as pack:
+        pack.write(b"x" * 1000)                    # a record whose row never came
+    (cache / "packs" / "99.pack").write_bytes(b"y" * 500)   # a pack no row lists
+    stats = run("cache", "stats", "--cache-dir", cache).stdout.decode()
+    assert f"Size:          {indexed} bytes" in stats
+    assert f"On disk:       {indexed + 1500} bytes" in stats
+
+
 def test_a_signal_ends_a_command_blocked_in_a_write_and_nohup_is_heeded(casync_archive):
     blob = casync_archive("blob5m")
     reading, writing = os.pipe()                  # nobody reads: cat blocks in a write
