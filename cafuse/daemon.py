@@ -82,7 +82,7 @@ async def build_fs(inp: Input):
             root = await archive.root()
             await archive.places(root)
         except FormatError as e:  # e.g. a blob index named .caidx
-            raise FormatError(str(e), source=inp.path) from None
+            raise e.named(inp.path) from None
         return TreeFS(stream, root, mtime_ns)
     if stream.size:
         await stream.read(0, 1)

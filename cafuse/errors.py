@@ -26,6 +26,12 @@ class FormatError(CafuseError):
         self.offset = offset
         self.source = source
 
+    def named(self, source: str) -> "FormatError":
+        """This error, said of ``source`` (the file it was found in)."""
+        error = FormatError(str(self), source=source)
+        error.offset = self.offset
+        return error
+
 
 class ChunkError(CafuseError):
     """A chunk that no store could deliver with the right content."""

@@ -105,7 +105,7 @@ def _parse(name, data):
     try:
         return Index.parse(data)
     except FormatError as e:
-        raise FormatError(str(e), source=name) from None
+        raise e.named(name) from None
 
 
 def index_kind(path: str, index: Index) -> str:

@@ -6,6 +6,7 @@ from hypothesis import given, strategies as st
 
 from cafuse import FormatError
 from cafuse.index import Index
+from cafuse.inputs import read_index_file
 
 from memory import build_index
 
@@ -85,6 +86,15 @@ def test_bad_indexes(data, where):
     if where is not None:
         assert info.value.offset == where
     assert "offset" in str(info.value)
+
+
+def test_an_index_file_error_names_the_file_and_keeps_the_offset(tmp_path):
+    bad = tmp_path / "bad.caibx"
+    bad.write_bytes(corrupt(GOOD, 24, 0))
+    with pytest.raises(FormatError) as info:
+        read_index_file(str(bad))
+    assert info.value.offset == 0x18 and info.value.source == str(bad)
+    assert str(info.value).startswith(f"{bad}: ") and str(info.value).endswith("(at offset 24)")
 
 
 def test_chunk_larger_than_max_is_rejected():
