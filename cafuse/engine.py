@@ -83,6 +83,7 @@ class _StoreState:
         self.store = store
         self.place = _Place(str(store))   # as a local store read in a hop
         self.down_until = 0.0
+        self.why_aside = ""              # "after errors", or why it was set aside
         self.answered = -math.inf        # when it last answered a fetch (trio's clock)
         self._fetches: set[_Fetch] = set()
 
@@ -90,11 +91,12 @@ class _StoreState:
         return self.down_until <= time.monotonic()
 
     @contextlib.contextmanager
-    def fetching(self, then=None):
+    def fetching(self, then=None, race=None):
         """One fetch from this store, cancelled if the store is set aside
-        meanwhile; its ``held()`` says it holds a connection (and calls
-        ``then()``)."""
-        fetch = _Fetch(then)
+        meanwhile (or, if it is set aside as silent and the fetch still
+        waits for a connection, ``race()``d); its ``held()`` says it holds
+        a connection (and calls ``then()``)."""
+        fetch = _Fetch(then, race)
         self._fetches.add(fetch)
         try:
             with fetch.scope:
@@ -102,23 +104,27 @@ class _StoreState:
         finally:
             self._fetches.discard(fetch)
 
-    def set_aside(self, seconds: float, spare_holding: bool = False) -> None:
-        """Skip this store for ``seconds``; fetches waiting on it give up
-        now: those queued for a connection, and unless ``spare_holding``,
-        those waiting for an answer."""
+    def set_aside(self, seconds: float, why: str, silent: bool = False) -> None:
+        """Skip this store for ``seconds``.  Fetches waiting on it give up
+        now, unless it is only ``silent`` (slow or hung, no one can tell
+        yet): then they go on, and those still queued for a connection are
+        raced by the next stores."""
         self.down_until = time.monotonic() + seconds
-        for fetch in self._fetches:
-            if not (spare_holding and fetch.holding):
+        self.why_aside = why
+        for fetch in list(self._fetches):
+            if not silent:
                 fetch.scope.cancel()
+            elif not fetch.holding and fetch.race is not None:
+                fetch.race()
 
 
 class _Fetch:
-    __slots__ = ("scope", "holding", "then")
+    __slots__ = ("scope", "holding", "then", "race")
 
-    def __init__(self, then):
+    def __init__(self, then, race):
         self.scope = trio.CancelScope()
         self.holding = False
-        self.then = then
+        self.then, self.race = then, race
 
     def held(self) -> None:
         self.holding = True
@@ -144,13 +150,15 @@ _LATER = object()    # what _ask says of a store to ask again last
 
 class _Race:
     """One chunk's search of the stores: the copy that won (``won``: the
-    store's position and the fetched bytes), the requests still running
-    while the next stores are searched (``rivals``: _Ask), and the scopes
-    of those searches (``searches``)."""
-    __slots__ = ("won", "rivals", "searches")
+    store's position and the fetched bytes), whether a request was ever
+    raced (``raced``: then every copy is verified before it wins), the
+    requests still running while the next stores are searched
+    (``rivals``: _Ask), and the scopes of those searches (``searches``)."""
+    __slots__ = ("won", "raced", "rivals", "searches")
 
     def __init__(self):
         self.won = None
+        self.raced = False
         self.rivals = set()
         self.searches = set()
 
@@ -158,8 +166,8 @@ class _Race:
 class _Ask:
     """A remote store's request for a chunk that the next stores could
     serve.  ``scope`` holds the request; ``held`` is when it got its
-    connection; ``searched`` is set, once the hedger has seen it lag, when
-    the search of the next stores (``go_on``, a task of its own) ends."""
+    connection; ``searched`` is set, once it is raced, when the search of
+    the next stores (``go_on(why)``, a task of its own) ends."""
     __slots__ = ("state", "scope", "held", "done", "go_on", "searched")
 
     def __init__(self, state, go_on):
@@ -169,45 +177,48 @@ class _Ask:
         self.done = False
         self.searched = None
 
+    def race(self, why: str) -> None:
+        """Search the next stores beside this request (once)."""
+        if self.searched is None and not self.done:
+            self.searched = trio.Event()
+            self.go_on(why)
+
 
 class _Hedger:
-    """One task per load: when a request that the next stores could serve
-    has held its connection for ``after`` seconds without an answer, it
-    ``fire``s.  A timer per load, not per chunk: a task per chunk would
-    double what the event loop spends on a chunk."""
+    """The clock of a load's races: when a request that the next stores
+    could serve has held its connection for ``after`` seconds without an
+    answer, it ``fire``s.  It keeps time in the load's task that waits for
+    arrivals (``receive``): a timer task per load, or per chunk, costs
+    the event loop more than the rest of a chunk's load."""
 
     def __init__(self, after, fire):
         self._after, self._fire = after, fire
         self._due = []              # (when, count, _Ask), a heap
         self._count = 0
-        self._wake = trio.Event()
-        self._until = math.inf      # when run() wakes up by itself
-        self._scope = trio.CancelScope()
+        self._waiting = None        # the scope of receive()'s wait, while it waits
 
     def held(self, ask: _Ask) -> None:
         ask.held = trio.current_time()
         when = ask.held + self._after
         heapq.heappush(self._due, (when, self._count, ask))
         self._count += 1
-        if when < self._until:
-            self._wake.set()
+        if self._waiting is not None and when < self._waiting.deadline:
+            self._waiting.deadline = when
 
-    async def run(self) -> None:
-        """Until ``stop()``."""
-        with self._scope:
-            while True:
-                now = trio.current_time()
-                while self._due and self._due[0][0] <= now:
-                    ask = heapq.heappop(self._due)[2]
-                    if not ask.done:
-                        self._fire(ask)
-                self._wake = trio.Event()
-                self._until = self._due[0][0] if self._due else math.inf
-                with trio.move_on_at(self._until):
-                    await self._wake.wait()
-
-    def stop(self) -> None:
-        self._scope.cancel()
+    async def receive(self, channel):
+        """``channel.receive()``, firing what comes due meanwhile."""
+        while True:
+            now = trio.current_time()
+            while self._due and self._due[0][0] <= now:
+                ask = heapq.heappop(self._due)[2]
+                if not ask.done:
+                    self._fire(ask)
+            self._waiting = trio.CancelScope(deadline=self._due[0][0] if self._due else math.inf)
+            try:
+                with self._waiting:
+                    return await channel.receive()
+            finally:
+                self._waiting = None
 
 
 @dataclass
@@ -739,7 +750,7 @@ class ChunkEngine:
         async def decode_arrivals(nursery):
             left = len(far)
             while left:
-                group = [await arrived.receive()]
+                group = [await (hedger.receive(arrived) if hedger else arrived.receive())]
                 while True:
                     try:
                         group.append(arrived.receive_nowait())
@@ -773,14 +784,10 @@ class ChunkEngine:
                     if dropped:
                         log.debug("%d chunks not cached: the disk cache is behind", dropped)
                     raise failures[0]
-            if hedger is not None:
-                hedger.stop()
 
         with single_errors():
             async with trio.open_nursery() as nursery:
                 load = _Load(nursery, hedger, until)
-                if hedger is not None:
-                    nursery.start_soon(hedger.run)
                 nursery.start_soon(decode_arrivals, nursery)
                 for k, problems in far:
                     nursery.start_soon(fetch, k, problems)
@@ -838,7 +845,7 @@ class ChunkEngine:
             passed[position] = True
             found = await self._ask(self._far_stores[position], chunk_id, problems, priority,
                                     others_left=False, last_try=True)
-            if found is not None and found is not _LATER:
+            if found is not None:
                 return position, found
         raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems or ["no stores"]))
 
@@ -851,7 +858,7 @@ class ChunkEngine:
             if position in passed:
                 continue
             if not state.available():
-                problems.append(f"{state.store} set aside after errors")
+                problems.append(f"{state.store} set aside {state.why_aside}")
                 passed[position] = False
                 continue
             others_left = any(other.available() for other in self._far_stores[position + 1:])
@@ -875,7 +882,9 @@ class ChunkEngine:
         stores searched)."""
         state = self._far_stores[position]
 
-        async def go_on():
+        async def go_on(why):
+            problems.append(why)
+            race.raced = True
             if not ask.done:
                 race.rivals.add(ask)
             with trio.move_on_at(load.until) as scope:
@@ -883,12 +892,15 @@ class ChunkEngine:
                 await self._search(race, want, problems, position + 1, priority, passed, load)
             race.searches.discard(scope)
             ask.searched.set()
-        ask = _Ask(state, lambda: load.nursery.start_soon(go_on))
+        ask = _Ask(state, lambda why: load.nursery.start_soon(go_on, why))
         found = None
-        with ask.scope:
-            found = await self._ask(state, want[0], problems, priority, True,
-                                    lambda: load.hedger.held(ask))
-        ask.done = True
+        try:
+            with ask.scope:
+                found = await self._ask(
+                    state, want[0], problems, priority, True, lambda: load.hedger.held(ask),
+                    race=lambda: ask.race(f"{state.store} had no connection free"))
+        finally:  # also when a rival's win cancels this search
+            ask.done = True
         race.rivals.discard(ask)
         if found is _LATER:
             passed[position] = False
@@ -903,14 +915,15 @@ class ChunkEngine:
     def _hedge(self, ask):
         """A request has held its connection for a quarter of the deadline
         without an answer: the next stores are searched beside it.  A store
-        that has answered nothing since is down, or hung: set aside, which
-        moves on the requests queued for it, but not those it holds."""
-        ask.searched = trio.Event()
+        that has answered nothing since is slow or hung: it is set aside
+        for new requests, and those queued for it are raced too (none is
+        given up: a slow store may be the only one with them)."""
+        if ask.searched is not None or ask.done:
+            return
+        silent_for = f"no answer from {ask.state.store} within {self._hedge_after:g} s"
         if ask.state.answered < ask.held:
-            self._set_aside(ask.state, HTTPError(
-                f"{ask.state.store}: no answer within {self._hedge_after:g} s", True),
-                spare_holding=True)
-        ask.go_on()
+            self._set_aside(ask.state, HTTPError(silent_for, True), silent=True)
+        ask.race(silent_for)
 
     async def _claim(self, race, want, problems, position, found):
         """Whether the race is over with the copy from ``position``: it
@@ -918,7 +931,7 @@ class ChunkEngine:
         corrupt copy must not cost a good store its request); the requests
         and searches it outruns are given up.  False if it is corrupt: the
         search goes on."""
-        if race.won is None and (race.rivals or race.searches):
+        if race.won is None and race.raced:
             outcome = await trio.to_thread.run_sync(self._decode, want, position, found,
                                                     limiter=self._limiter)
             if isinstance(outcome, ChunkError):
@@ -934,12 +947,14 @@ class ChunkEngine:
         return True
 
     async def _ask(self, state, chunk_id, problems, priority, others_left, held=None,
-                   last_try=False):
+                   last_try=False, race=None):
         """The chunk from one store; None (and why, in ``problems``) if it
         has not got it, _LATER if it is to be asked again last: a try
         timed out while ``others_left``, or the store was set aside
         meanwhile.  ``held()`` is called once the request holds a
-        connection.  A ``last_try`` goes on when the store is set aside."""
+        connection; ``race()`` starts a search of the next stores beside a
+        request still queued when the store is set aside as silent.  A
+        ``last_try`` goes on when the store is set aside."""
         try:
             if state.store.blocking:
                 found = await trio.to_thread.run_sync(state.store.load, chunk_id,
@@ -948,11 +963,11 @@ class ChunkEngine:
             elif last_try:
                 found = await state.store.fetch(chunk_id, priority, others_left)
             else:
-                with state.fetching(held) as fetch:
+                with state.fetching(held, race) as fetch:
                     found = await state.store.fetch(chunk_id, priority, others_left,
                                                     fetch.held)
                 if fetch.scope.cancelled_caught:
-                    problems.append(f"{state.store} set aside after errors")
+                    problems.append(f"{state.store} set aside {state.why_aside}")
                     return _LATER
             state.answered = trio.current_time()
         except CafuseError as e:
@@ -1053,7 +1068,7 @@ class ChunkEngine:
             self._disk_warned = now
             log.warning("%s", message)
 
-    def _set_aside(self, state, error, spare_holding=False):
+    def _set_aside(self, state, error, silent=False):
         """After ``error`` (its own retries spent), skip a store that looks
         down (no connection, timeouts, 5xx) for a while, so a dead mirror
         costs one deadline, not one per chunk.  An answer about one chunk
@@ -1064,7 +1079,7 @@ class ChunkEngine:
             return
         if not any(other.available() for other in self._far_stores if other is not state):
             return
-        state.set_aside(self.backoff, spare_holding)
+        state.set_aside(self.backoff, "for not answering" if silent else "after errors", silent)
         log.warning("%s; setting store %s aside for %g s", error, state.store, self.backoff)
 
     def _account(self, source, raw_size=0):

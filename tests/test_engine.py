@@ -286,6 +286,67 @@ async def test_an_outrun_slow_store_keeps_its_other_requests_in_flight():
     assert sorted(slow.calls) == sorted([y, z])     # each asked once, in either order
 
 
+async def test_a_raced_request_cancelled_by_the_win_does_not_set_its_store_aside_later():
+    # Three stores, deadline 1 s (hedge 0.25 s).  x: "slow" is raced at
+    # 0.25 s, so "mirror" is asked (itself raced, "last" following); slow
+    # answers x at 0.35 s and wins, which cancels mirror's request.  The
+    # load goes on (y comes from "last" at 0.8 s).  Mirror's cancelled
+    # request stays in the hedger's heap as not done, and fires at 0.5 s:
+    # mirror, a healthy store, is set aside for 60 s.
+    (x, dx), (y, dy) = chunk(1), chunk(2)
+    slow = Staggered([(x, dx)], {x: 0.35, y: 0.0}, name="slow")
+    mirror = Staggered([(x, dx)], {x: 1.0, y: 0.0}, name="mirror")
+    last = Staggered([(x, dx), (y, dy)], {x: 0.0, y: 0.8}, name="last")
+    eng = engine([slow, mirror, last], deadline=1.0)
+    with trio.fail_after(2):
+        assert await eng.get_many([(x, len(dx)), (y, len(dy))]) == [dx, dy]
+    assert eng._far_stores[1].available(), "mirror was set aside, never having failed"
+
+
+async def test_a_raced_store_that_never_answered_is_named_in_the_error():
+    # A hung store is raced at 0.25 s by a mirror that lacks the chunk;
+    # the chunk then fails at the deadline.  The error must name the hung
+    # store, which is where the chunk was stuck.
+    (x, dx), = [chunk(1)]
+    hung = Store("hung", [(x, dx)], lambda cid, n: "stall")
+    mirror = Store("mirror", [])
+    eng = engine([hung, mirror], deadline=1.0)
+    with trio.fail_after(2), pytest.raises(ChunkError) as caught:
+        await eng.get(x, len(dx))
+    assert "hung" in str(caught.value), str(caught.value)
+
+
+async def test_a_slow_stores_queued_requests_are_not_lost_to_a_hung_next_store():
+    # A slow but working store with one connection: 0.6 s a chunk, within
+    # the 2 s deadline even for the second chunk, queued behind the first
+    # (delivered at 1.2 s before 9088f22).  At 0.5 s the first request is
+    # raced and the store, silent since, is set aside: the queued request
+    # is cancelled and goes to the next store, which hangs, so it never
+    # gets its last try on the slow store and fails at the deadline.
+    chunks = [chunk(1), chunk(2)]
+    slow = OneLineStore("slow", chunks, delay=0.6)
+    hung = Store("hung", [], lambda cid, n: "stall")
+    eng = engine([slow, hung], deadline=2.0)
+    with trio.fail_after(3):
+        assert await eng.get_many([(c, len(d)) for c, d in chunks]) == [d for _c, d in chunks]
+
+
+async def test_a_store_searched_in_the_race_is_not_asked_again_after_a_corrupt_copy():
+    # slow is raced at 0.25 s; the mirror's copy is corrupt, so the search
+    # ends.  slow's own copy, at 0.5 s, is corrupt too: it "wins" unverified
+    # (nothing races it any more), fails to decode, and the chunk is then
+    # searched again from the mirror on: the mirror is asked twice and
+    # named twice in the error.
+    (x, dx), = [chunk(1)]
+    slow = Staggered([(x, dx)], {x: 0.5}, corrupt=x, name="slow")
+    mirror = Staggered([(x, dx)], {x: 0.0}, corrupt=x, name="mirror")
+    eng = engine([slow, mirror], deadline=1.0)
+    with trio.fail_after(1.5), pytest.raises(ChunkError) as caught:
+        await eng.get(x, len(dx))
+    assert str(caught.value).count("(mirror)") == 1, str(caught.value)
+    assert mirror.calls == [x]
+
+
 async def test_a_hung_store_is_set_aside_when_the_next_store_lacks_what_it_holds(tmp_path):
     # --deadline below --timeout; chunks 0 and 1 hold the hung store's two
     # connections, and the local store lacks them.  When they are raced,
@@ -403,7 +464,7 @@ async def test_a_store_whose_try_timed_out_serves_what_the_others_lack(
 
         async def goes_aside():               # e.g. after a 503 for another chunk
             await trio.sleep(0.1)
-            eng._far_stores[1].set_aside(60)
+            eng._far_stores[1].set_aside(60, "after errors")
         async with trio.open_nursery() as nursery:
             if mirror_goes_aside:
                 nursery.start_soon(goes_aside)
