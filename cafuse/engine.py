@@ -107,15 +107,18 @@ class _StoreState:
     def set_aside(self, seconds: float, why: str, silent: bool = False) -> None:
         """Skip this store for ``seconds``.  Fetches waiting on it give up
         now, unless it is only ``silent`` (slow or hung, no one can tell
-        yet): then they go on, and those still queued for a connection are
-        raced by the next stores."""
+        yet): then those holding a connection go on, and those queued for
+        one are raced by the next stores where they stand, or give up if
+        they cannot be raced."""
         self.down_until = time.monotonic() + seconds
         self.why_aside = why
         for fetch in list(self._fetches):
-            if not silent:
-                fetch.scope.cancel()
-            elif not fetch.holding and fetch.race is not None:
+            if silent and fetch.holding:
+                continue
+            if silent and fetch.race is not None:
                 fetch.race()
+            else:
+                fetch.scope.cancel()
 
 
 class _Fetch:
@@ -167,7 +170,7 @@ class _Ask:
     """A remote store's request for a chunk that the next stores could
     serve.  ``scope`` holds the request; ``held`` is when it got its
     connection; ``searched`` is set, once it is raced, when the search of
-    the next stores (``go_on(why)``, a task of its own) ends."""
+    the next stores (``go_on()``, a task of its own) ends."""
     __slots__ = ("state", "scope", "held", "done", "go_on", "searched")
 
     def __init__(self, state, go_on):
@@ -177,11 +180,11 @@ class _Ask:
         self.done = False
         self.searched = None
 
-    def race(self, why: str) -> None:
+    def race(self) -> None:
         """Search the next stores beside this request (once)."""
         if self.searched is None and not self.done:
             self.searched = trio.Event()
-            self.go_on(why)
+            self.go_on()
 
 
 class _Hedger:
@@ -821,11 +824,13 @@ class ChunkEngine:
             race = _Race()
             await self._search(race, want, problems, start, priority, passed, load)
             return race.won or await self._ask_passed(chunk_id, problems, priority, passed)
-        if not problems:  # no store said anything: name those that were asked
-            problems.append("no answer from " + ", ".join(
-                str(state.store) for state in self._far_stores[start:]))
-        problems.append(f"not delivered within {self.deadline:g} s")
-        message = f"chunk {chunk_id.hex()}: " + "; ".join(problems)
+        # The searches a race started end at the same deadline: let them
+        # say which of their stores never answered.
+        await trio.lowlevel.checkpoint()
+        told = _said(problems) or ["no answer from " + ", ".join(
+            str(state.store) for state in self._far_stores[start:])]  # none was asked yet
+        told.append(f"not delivered within {self.deadline:g} s")
+        message = f"chunk {chunk_id.hex()}: " + "; ".join(told)
         self._remember_failure(chunk_id, priority, message)
         raise ChunkTimeout(message)
 
@@ -847,7 +852,7 @@ class ChunkEngine:
                                     others_left=False, last_try=True)
             if found is not None:
                 return position, found
-        raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(problems or ["no stores"]))
+        raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(_said(problems) or ["no stores"]))
 
     async def _search(self, race, want, problems, start, priority, passed, load):
         """Ask the stores from ``start`` on, in order, until one wins ``race``."""
@@ -882,8 +887,7 @@ class ChunkEngine:
         stores searched)."""
         state = self._far_stores[position]
 
-        async def go_on(why):
-            problems.append(why)
+        async def go_on():
             race.raced = True
             if not ask.done:
                 race.rivals.add(ask)
@@ -892,13 +896,13 @@ class ChunkEngine:
                 await self._search(race, want, problems, position + 1, priority, passed, load)
             race.searches.discard(scope)
             ask.searched.set()
-        ask = _Ask(state, lambda why: load.nursery.start_soon(go_on, why))
+        ask = _Ask(state, lambda: load.nursery.start_soon(go_on))
         found = None
         try:
             with ask.scope:
                 found = await self._ask(
                     state, want[0], problems, priority, True, lambda: load.hedger.held(ask),
-                    race=lambda: ask.race(f"{state.store} had no connection free"))
+                    race=ask.race)
         finally:  # also when a rival's win cancels this search
             ask.done = True
         race.rivals.discard(ask)
@@ -920,10 +924,11 @@ class ChunkEngine:
         given up: a slow store may be the only one with them)."""
         if ask.searched is not None or ask.done:
             return
-        silent_for = f"no answer from {ask.state.store} within {self._hedge_after:g} s"
         if ask.state.answered < ask.held:
-            self._set_aside(ask.state, HTTPError(silent_for, True), silent=True)
-        ask.race(silent_for)
+            self._set_aside(ask.state, HTTPError(
+                f"no answer from {ask.state.store} within {self._hedge_after:g} s", True),
+                silent=True)
+        ask.race()
 
     async def _claim(self, race, want, problems, position, found):
         """Whether the race is over with the copy from ``position``: it
@@ -970,6 +975,9 @@ class ChunkEngine:
                     problems.append(f"{state.store} set aside {state.why_aside}")
                     return _LATER
             state.answered = trio.current_time()
+        except trio.Cancelled:  # the deadline, most often: named if it fails
+            problems.append(_Silent(state.store))
+            raise
         except CafuseError as e:
             problems.append(_problem(e, chunk_id, state.store))
             later = getattr(e, "timed_out", False) and others_left
@@ -1137,6 +1145,21 @@ class ChunkEngine:
 class _Corrupt(str):
     """A problem that was a copy not matching its id: a warning if another
     store then serves the chunk (if none does, the chunk's error says it)."""
+
+
+class _Silent(str):
+    """A store whose request for a chunk was still out when it was given
+    up (at the deadline, or outrun)."""
+
+
+def _said(problems) -> list[str]:
+    """``problems`` for an error line: the stores that never answered
+    named once, together, last."""
+    told = [problem for problem in problems if not isinstance(problem, _Silent)]
+    silent = dict.fromkeys(problem for problem in problems if isinstance(problem, _Silent))
+    if silent:
+        told.append("no answer from " + ", ".join(silent))
+    return told
 
 
 def _warn_corrupt(problems, chunk_id, source):

@@ -347,6 +347,46 @@ async def test_a_store_searched_in_the_race_is_not_asked_again_after_a_corrupt_c
     assert mirror.calls == [x]
 
 
+async def test_a_queued_request_asked_while_the_next_stores_were_aside_moves_on():
+    # A: one connection, hung; y holds it.  B is set aside for 0.15 s
+    # (a burst of 503s), so x, asked of A meanwhile, is asked with no other
+    # store left: no race hook.  B is back at 0.16 s.  At 0.25 s y is raced
+    # and A, silent since, is set aside "for not answering": before
+    # 8f06653 that cancelled x's queued request, which moved on to B; now
+    # it stays queued on the hung store (and takes the connection y's win
+    # frees), unraced, until its deadline.
+    (x, dx), (y, dy) = chunk(1), chunk(2)
+    a = OneLineStore("A", [(x, dx), (y, dy)], delay=0.0)
+    a.fault = lambda cid, n: "stall"              # hung
+    b = Store("B", [(x, dx), (y, dy)])
+    eng = engine([a, b], deadline=1.0)
+    got = {}
+
+    async def get(cid, data):
+        got[cid] = await eng.get(cid, len(data))
+    with trio.fail_after(3):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get, y, dy)
+            await trio.sleep(0.01)
+            eng._far_stores[1].set_aside(0.15, "after errors")
+            nursery.start_soon(get, x, dx)
+    assert got == {x: dx, y: dy}
+
+
+async def test_a_chunk_that_failed_names_every_store_that_did_not_answer():
+    # Two hung stores: the first is raced at 0.25 s, the second (the last)
+    # never answers either.  Before 8f06653: "no answer from hung, hung2;
+    # not delivered within 1 s".  Now the race's reason fills the problems,
+    # so hung2, asked and silent, is not named at all.
+    (x, dx), = [chunk(1)]
+    hung = Store("hung", [(x, dx)], lambda cid, n: "stall")
+    hung2 = Store("hung2", [(x, dx)], lambda cid, n: "stall")
+    eng = engine([hung, hung2], deadline=1.0)
+    with trio.fail_after(2), pytest.raises(ChunkError) as caught:
+        await eng.get(x, len(dx))
+    assert "hung2" in str(caught.value), str(caught.value)
+
+
 async def test_a_hung_store_is_set_aside_when_the_next_store_lacks_what_it_holds(tmp_path):
     # --deadline below --timeout; chunks 0 and 1 hold the hung store's two
     # connections, and the local store lacks them.  When they are raced,
