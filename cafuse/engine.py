@@ -920,8 +920,8 @@ class ChunkEngine:
         """A request has held its connection for a quarter of the deadline
         without an answer: the next stores are searched beside it.  A store
         that has answered nothing since is slow or hung: it is set aside
-        for new requests, and those queued for it are raced too (none is
-        given up: a slow store may be the only one with them)."""
+        for new requests, and those queued for it are raced too where they
+        stand (a slow store may be the only one with their chunks)."""
         if ask.searched is not None or ask.done:
             return
         if ask.state.answered < ask.held:
