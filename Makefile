@@ -45,6 +45,7 @@ bench: setup
 	$(VENV)/bin/python integration/bench_cat.py $(BENCH_ARGS)
 	$(VENV)/bin/python integration/bench_prefetch.py $(BENCH_ARGS)
 	$(VENV)/bin/python integration/bench_mount.py $(BENCH_ARGS)
+	$(VENV)/bin/python integration/bench_failover.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis
