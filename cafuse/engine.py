@@ -168,9 +168,10 @@ class _Race:
 
 class _Ask:
     """A remote store's request for a chunk that the next stores could
-    serve.  ``scope`` holds the request; ``held`` is when it got its
-    connection; ``searched`` is set, once it is raced, when the search of
-    the next stores (``go_on()``, a task of its own) ends."""
+    serve, or the last try of a store passed over (``go_on`` None: it is
+    watched, never raced).  ``scope`` holds the request; ``held`` is when
+    it got its connection; ``searched`` is set, once it is raced, when the
+    search of the next stores (``go_on()``, a task of its own) ends."""
     __slots__ = ("state", "scope", "held", "done", "go_on", "searched")
 
     def __init__(self, state, go_on):
@@ -182,7 +183,7 @@ class _Ask:
 
     def race(self) -> None:
         """Search the next stores beside this request (once)."""
-        if self.searched is None and not self.done:
+        if self.searched is None and not self.done and self.go_on is not None:
             self.searched = trio.Event()
             self.go_on()
 
@@ -823,7 +824,8 @@ class ChunkEngine:
         with trio.move_on_at(load.until):
             race = _Race()
             await self._search(race, want, problems, start, priority, passed, load)
-            return race.won or await self._ask_passed(chunk_id, problems, priority, passed)
+            return race.won or await self._ask_passed(chunk_id, problems, priority, passed,
+                                                      load)
         # The searches a race started end at the same deadline: let them
         # say which of their stores never answered.
         await trio.lowlevel.checkpoint()
@@ -842,14 +844,23 @@ class ChunkEngine:
             self._failed.expire()
             self._failed[chunk_id] = message
 
-    async def _ask_passed(self, chunk_id, problems, priority, passed):
-        """The last try of each store passed over, in turn."""
+    async def _ask_passed(self, chunk_id, problems, priority, passed, load):
+        """The last try of each store passed over, in turn.  A remote one's
+        is watched by the hedger like any raced request: a store silent on
+        its last tries is set aside again, so the requests queued behind
+        them are raced in time."""
         for position, had_them in passed.items():
             if had_them:
                 continue
             passed[position] = True
-            found = await self._ask(self._far_stores[position], chunk_id, problems, priority,
-                                    others_left=False, last_try=True)
+            state = self._far_stores[position]
+            watch = _Ask(state, None)
+            held = None if load.hedger is None else lambda: load.hedger.held(watch)
+            try:
+                found = await self._ask(state, chunk_id, problems, priority,
+                                        others_left=False, held=held, last_try=True)
+            finally:
+                watch.done = True
             if found is not None:
                 return position, found
         raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(_said(problems) or ["no stores"]))
@@ -966,7 +977,7 @@ class ChunkEngine:
                                                       limiter=self._far_local_limiter,
                                                       abandon_on_cancel=True)
             elif last_try:
-                found = await state.store.fetch(chunk_id, priority, others_left)
+                found = await state.store.fetch(chunk_id, priority, others_left, held)
             else:
                 with state.fetching(held, race) as fetch:
                     found = await state.store.fetch(chunk_id, priority, others_left,

@@ -373,6 +373,37 @@ async def test_a_queued_request_asked_while_the_next_stores_were_aside_moves_on(
     assert got == {x: dx, y: dy}
 
 
+async def test_a_hung_store_back_from_its_set_aside_hands_queued_chunks_on():
+    # A hung store with two connections; a mirror that lacks the b chunks
+    # but has g.  b1, b2 hold the connections and get the store set aside
+    # (0.25 s, for 0.3 s); b3..b6, asked meanwhile, come back to it for
+    # their last tries, which take the connections at 1.0 s and hold them
+    # until their deadlines (1.3, 1.45 s).  g, asked at 0.6 s once the
+    # store is back, queues behind them.  Before, nothing watched the last
+    # tries: g got a connection at 1.45 s and was raced only after its
+    # deadline (1.6 s).  Now the store, silent on its last tries too, is
+    # set aside again at 1.25 s and g's queued request is raced then.
+    bs = [chunk(n) for n in range(1, 7)]
+    g = chunk(100)
+    hung = OneLineStore("hung", [], delay=0.0)
+    hung.slots = Slots(2)
+    hung.fault = lambda cid, n: "stall"
+    mirror = Store("mirror", [g])
+    eng = ChunkEngine([hung, mirror], "sha256", deadline=1.0, backoff=0.3)
+    got = {}
+
+    async def get(c, at):
+        await trio.sleep(at)
+        with contextlib.suppress(ChunkError):
+            got[c[0]] = await eng.get(*_want(c))
+    with trio.fail_after(3):
+        async with trio.open_nursery() as nursery:
+            for c, at in zip(bs, (0, 0, 0.3, 0.3, 0.45, 0.45)):
+                nursery.start_soon(get, c, at)
+            nursery.start_soon(get, g, 0.6)
+    assert got == {g[0]: g[1]}, f"mirror asked for g {mirror.calls.count(g[0])} times"
+
+
 async def test_a_chunk_that_failed_names_every_store_that_did_not_answer():
     # Two hung stores: the first is raced at 0.25 s, the second (the last)
     # never answers either.  Before 8f06653: "no answer from hung, hung2;
