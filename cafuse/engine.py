@@ -874,7 +874,7 @@ class ChunkEngine:
             if position in passed:
                 continue
             if not state.available():
-                problems.append(f"{state.store} set aside {state.why_aside}")
+                problems.append(_Aside.of(state))
                 passed[position] = False
                 continue
             others_left = any(other.available() for other in self._far_stores[position + 1:])
@@ -983,7 +983,7 @@ class ChunkEngine:
                     found = await state.store.fetch(chunk_id, priority, others_left,
                                                     fetch.held)
                 if fetch.scope.cancelled_caught:
-                    problems.append(f"{state.store} set aside {state.why_aside}")
+                    problems.append(_Aside.of(state))
                     return _LATER
             state.answered = trio.current_time()
         except trio.Cancelled:  # the deadline, most often: named if it fails
@@ -1163,11 +1163,23 @@ class _Silent(str):
     up (at the deadline, or outrun)."""
 
 
+class _Aside(str):
+    """A store skipped for a chunk because it was set aside (``store``:
+    its name)."""
+
+    @classmethod
+    def of(cls, state: _StoreState) -> "_Aside":
+        problem = cls(f"{state.store} set aside {state.why_aside}")
+        problem.store = str(state.store)
+        return problem
+
+
 def _said(problems) -> list[str]:
     """``problems`` for an error line: the stores that never answered
-    named once, together, last."""
-    told = [problem for problem in problems if not isinstance(problem, _Silent)]
+    named once, together, last (and not also as set aside)."""
     silent = dict.fromkeys(problem for problem in problems if isinstance(problem, _Silent))
+    told = [problem for problem in problems if not isinstance(problem, _Silent)
+            and not (isinstance(problem, _Aside) and problem.store in silent)]
     if silent:
         told.append("no answer from " + ", ".join(silent))
     return told

@@ -404,6 +404,30 @@ async def test_a_hung_store_back_from_its_set_aside_hands_queued_chunks_on():
     assert got == {g[0]: g[1]}, f"mirror asked for g {mirror.calls.count(g[0])} times"
 
 
+async def test_a_store_set_aside_then_silent_on_its_last_try_is_named_once():
+    # y gets the hung store set aside at 0.25 s; x, asked at 0.3 s, skips
+    # it, is missing from the mirror, and then waits on its last try there
+    # until the deadline.  The error said both "hung set aside for not
+    # answering" and "no answer from hung".
+    (x, dx), (y, dy) = chunk(1), chunk(2)
+    hung = Store("hung", [(x, dx), (y, dy)], lambda cid, n: "stall")
+    mirror = Store("mirror", [])
+    eng = ChunkEngine([hung, mirror], "sha256", deadline=1.0, backoff=5.0)
+    errors = {}
+
+    async def get(cid, data, at):
+        await trio.sleep(at)
+        try:
+            await eng.get(cid, len(data))
+        except ChunkError as e:
+            errors[cid] = str(e)
+    with trio.fail_after(3):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(get, y, dy, 0)
+            nursery.start_soon(get, x, dx, 0.3)
+    assert "no answer from hung" in errors[x] and errors[x].count("hung") == 1, errors[x]
+
+
 async def test_a_chunk_that_failed_names_every_store_that_did_not_answer():
     # Two hung stores: the first is raced at 0.25 s, the second (the last)
     # never answers either.  Before 8f06653: "no answer from hung, hung2;
