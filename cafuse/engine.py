@@ -905,6 +905,8 @@ class ChunkEngine:
             with trio.move_on_at(load.until) as scope:
                 race.searches.add(scope)
                 await self._search(race, want, problems, position + 1, priority, passed, load)
+                if race.won is None and not ask.done:
+                    await self._last_tries_beside(race, want, problems, priority, passed, load)
             race.searches.discard(scope)
             ask.searched.set()
         ask = _Ask(state, lambda: load.nursery.start_soon(go_on))
@@ -926,6 +928,15 @@ class ChunkEngine:
         if race.won is None:
             await ask.searched.wait()
         return True
+
+    async def _last_tries_beside(self, race, want, problems, priority, passed, load):
+        """The last tries of the stores a race's search passed over, while
+        the raced request is still out (it may hold on until the deadline)."""
+        try:
+            position, found = await self._ask_passed(want[0], problems, priority, passed, load)
+        except ChunkError:  # none had it: the raced request may yet answer
+            return
+        await self._claim(race, want, problems, position, found)
 
     def _hedge(self, ask):
         """A request has held its connection for a quarter of the deadline

@@ -428,6 +428,22 @@ async def test_a_store_set_aside_then_silent_on_its_last_try_is_named_once():
     assert "no answer from hung" in errors[x] and errors[x].count("hung") == 1, errors[x]
 
 
+async def test_a_store_passed_over_in_a_race_gets_its_last_try_beside_the_raced_request():
+    # A hangs; B has x but was set aside (a burst of errors); C lacks it.
+    # At 0.25 s A's request is raced: the search passes B over and finds
+    # C without x.  B's last try waited for A's request, which held on
+    # until the deadline, so x failed though B had it.
+    (x, dx), = [chunk(1)]
+    a = Store("A", [(x, dx)], lambda cid, n: "stall")
+    b = Store("B", [(x, dx)])
+    c = Store("C", [])
+    eng = engine([a, b, c], deadline=1.0)
+    eng._far_stores[1].set_aside(5.0, "after errors")
+    with trio.fail_after(2):
+        assert await eng.get(x, len(dx)) == dx
+    assert b.calls == [x]
+
+
 async def test_a_chunk_that_failed_names_every_store_that_did_not_answer():
     # Two hung stores: the first is raced at 0.25 s, the second (the last)
     # never answers either.  Before 8f06653: "no answer from hung, hung2;
