@@ -849,8 +849,9 @@ class ChunkEngine:
         is watched by the hedger like any raced request: a store silent on
         its last tries is set aside again, so the requests queued behind
         them are raced in time."""
-        for position, had_them in passed.items():
-            if had_them:
+        # A copy: a raced request that times out meanwhile adds its store.
+        for position in list(passed):
+            if passed[position]:
                 continue
             passed[position] = True
             state = self._far_stores[position]

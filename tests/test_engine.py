@@ -444,6 +444,29 @@ async def test_a_store_passed_over_in_a_race_gets_its_last_try_beside_the_raced_
     assert b.calls == [x]
 
 
+async def test_a_raced_request_that_times_out_during_the_last_tries_beside_it():
+    # A is raced at 0.5 s; the search passes B1 and B2 over (set aside)
+    # and finds C without x, so their last tries run beside A's request.
+    # A's try times out at 0.8 s, during B1's last try: A is then to be
+    # asked last too, while those last tries go on (one list changing
+    # under another's feet).  B2 has x.
+    (x, dx), = [chunk(1)]
+
+    class TimesOut(Store):
+        async def fetch(self, cid, priority=None, others_left=False, held=None):
+            began = trio.current_time()
+            held()
+            await trio.sleep(0.8)
+            raise HTTPError("no answer within 0.8 s", True, began)
+    b1, b2 = Store("B1", [], delay=0.5), Store("B2", [(x, dx)])
+    eng = engine([TimesOut("A", []), b1, b2, Store("C", [])], deadline=2.0)
+    for state in eng._far_stores[1:3]:
+        state.set_aside(5.0, "after errors")
+    with trio.fail_after(3):
+        assert await eng.get(x, len(dx)) == dx
+    assert b2.calls == [x]
+
+
 async def test_a_chunk_that_failed_names_every_store_that_did_not_answer():
     # Two hung stores: the first is raced at 0.25 s, the second (the last)
     # never answers either.  Before 8f06653: "no answer from hung, hung2;
