@@ -104,6 +104,13 @@ class _StoreState:
         finally:
             self._fetches.discard(fetch)
 
+    def race_queued(self) -> None:
+        """Search the next stores beside the fetches still queued for a
+        connection, those that can be raced."""
+        for fetch in list(self._fetches):
+            if not fetch.holding and fetch.race is not None:
+                fetch.race()
+
     def set_aside(self, seconds: float, why: str, silent: bool = False) -> None:
         """Skip this store for ``seconds``.  Fetches waiting on it give up
         now, unless it is only ``silent`` (slow or hung, no one can tell
@@ -168,10 +175,10 @@ class _Race:
 
 class _Ask:
     """A remote store's request for a chunk that the next stores could
-    serve, or the last try of a store passed over (``go_on`` None: it is
-    watched, never raced).  ``scope`` holds the request; ``held`` is when
-    it got its connection; ``searched`` is set, once it is raced, when the
-    search of the next stores (``go_on()``, a task of its own) ends."""
+    serve, or one that cannot be raced (``go_on`` None: it is only
+    watched).  ``scope`` holds the request; ``held`` is when it got its
+    connection; ``searched`` is set, once it is raced, when the search of
+    the next stores (``go_on()``, a task of its own) ends."""
     __slots__ = ("state", "scope", "held", "done", "go_on", "searched")
 
     def __init__(self, state, go_on):
@@ -183,15 +190,15 @@ class _Ask:
 
     def race(self) -> None:
         """Search the next stores beside this request (once)."""
-        if self.searched is None and not self.done and self.go_on is not None:
+        if self.searched is None and not self.done:
             self.searched = trio.Event()
             self.go_on()
 
 
 class _Hedger:
-    """The clock of a load's races: when a request that the next stores
-    could serve has held its connection for ``after`` seconds without an
-    answer, it ``fire``s.  It keeps time in the load's task that waits for
+    """The clock of a load's races: when a request has held its
+    connection for ``after`` seconds without an answer, it ``fire``s, and
+    again each ``after`` seconds while ``fire`` says so.  It keeps time in the load's task that waits for
     arrivals (``receive``): a timer task per load, or per chunk, costs
     the event loop more than the rest of a chunk's load."""
 
@@ -203,7 +210,9 @@ class _Hedger:
 
     def held(self, ask: _Ask) -> None:
         ask.held = trio.current_time()
-        when = ask.held + self._after
+        self._due_at(ask.held + self._after, ask)
+
+    def _due_at(self, when, ask):
         heapq.heappush(self._due, (when, self._count, ask))
         self._count += 1
         if self._waiting is not None and when < self._waiting.deadline:
@@ -215,8 +224,8 @@ class _Hedger:
             now = trio.current_time()
             while self._due and self._due[0][0] <= now:
                 ask = heapq.heappop(self._due)[2]
-                if not ask.done:
-                    self._fire(ask)
+                if not ask.done and self._fire(ask):
+                    self._due_at(now + self._after, ask)
             self._waiting = trio.CancelScope(deadline=self._due[0][0] if self._due else math.inf)
             try:
                 with self._waiting:
@@ -845,23 +854,14 @@ class ChunkEngine:
             self._failed[chunk_id] = message
 
     async def _ask_passed(self, chunk_id, problems, priority, passed, load):
-        """The last try of each store passed over, in turn.  A remote one's
-        is watched by the hedger like any raced request: a store silent on
-        its last tries is set aside again, so the requests queued behind
-        them are raced in time."""
+        """The last try of each store passed over, in turn."""
         # A copy: a raced request that times out meanwhile adds its store.
         for position in list(passed):
             if passed[position]:
                 continue
             passed[position] = True
-            state = self._far_stores[position]
-            watch = _Ask(state, None)
-            held = None if load.hedger is None else lambda: load.hedger.held(watch)
-            try:
-                found = await self._ask(state, chunk_id, problems, priority,
-                                        others_left=False, held=held, last_try=True)
-            finally:
-                watch.done = True
+            found = await self._ask_watched(load, self._far_stores[position], chunk_id,
+                                            problems, priority, False, last_try=True)
             if found is not None:
                 return position, found
         raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(_said(problems) or ["no stores"]))
@@ -884,7 +884,8 @@ class ChunkEngine:
                                           load):
                     return
                 continue
-            found = await self._ask(state, want[0], problems, priority, others_left)
+            found = await self._ask_watched(load, state, want[0], problems, priority,
+                                            others_left)
             if found is _LATER:
                 passed[position] = False
             elif found is not None and await self._claim(race, want, problems, position, found):
@@ -939,19 +940,42 @@ class ChunkEngine:
             return
         await self._claim(race, want, problems, position, found)
 
-    def _hedge(self, ask):
+    async def _ask_watched(self, load, state, chunk_id, problems, priority, others_left,
+                           last_try=False):
+        """``_ask`` for a request that cannot be raced (a last try, or one
+        asked when no other store was available), watched by the load's
+        hedger: while it holds a connection without an answer, the
+        requests queued behind it must not wait for its deadline."""
+        watch = _Ask(state, None)
+        held = None if load.hedger is None else lambda: load.hedger.held(watch)
+        try:
+            return await self._ask(state, chunk_id, problems, priority, others_left, held,
+                                   last_try)
+        finally:
+            watch.done = True
+
+    def _hedge(self, ask) -> bool:
         """A request has held its connection for a quarter of the deadline
         without an answer: the next stores are searched beside it.  A store
         that has answered nothing since is slow or hung: it is set aside
         for new requests, and those queued for it are raced too where they
-        stand (a slow store may be the only one with their chunks)."""
+        stand (a slow store may be the only one with their chunks).  A
+        request that cannot be raced (a watch) only gets those queued
+        behind it raced, each time it comes due (True: again later); the
+        store is not set aside for it, since a slow store's last try says
+        nothing new of the store."""
+        if ask.go_on is None:
+            if ask.state.answered < ask.held:
+                ask.state.race_queued()
+            return True
         if ask.searched is not None or ask.done:
-            return
+            return False
         if ask.state.answered < ask.held:
             self._set_aside(ask.state, HTTPError(
                 f"no answer from {ask.state.store} within {self._hedge_after:g} s", True),
                 silent=True)
         ask.race()
+        return False
 
     async def _claim(self, race, want, problems, position, found):
         """Whether the race is over with the copy from ``position``: it

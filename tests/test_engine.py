@@ -381,26 +381,13 @@ async def test_a_hung_store_back_from_its_set_aside_hands_queued_chunks_on():
     # until their deadlines (1.3, 1.45 s).  g, asked at 0.6 s once the
     # store is back, queues behind them.  Before, nothing watched the last
     # tries: g got a connection at 1.45 s and was raced only after its
-    # deadline (1.6 s).  Now the store, silent on its last tries too, is
-    # set aside again at 1.25 s and g's queued request is raced then.
+    # deadline (1.6 s).  Now the last tries are watched: the store still
+    # silent at 1.25 s, g's queued request is raced then.
     bs = [chunk(n) for n in range(1, 7)]
     g = chunk(100)
-    hung = OneLineStore("hung", [], delay=0.0)
-    hung.slots = Slots(2)
-    hung.fault = lambda cid, n: "stall"
     mirror = Store("mirror", [g])
-    eng = ChunkEngine([hung, mirror], "sha256", deadline=1.0, backoff=0.3)
-    got = {}
-
-    async def get(c, at):
-        await trio.sleep(at)
-        with contextlib.suppress(ChunkError):
-            got[c[0]] = await eng.get(*_want(c))
-    with trio.fail_after(3):
-        async with trio.open_nursery() as nursery:
-            for c, at in zip(bs, (0, 0, 0.3, 0.3, 0.45, 0.45)):
-                nursery.start_soon(get, c, at)
-            nursery.start_soon(get, g, 0.6)
+    eng = ChunkEngine([hung_store("hung", 2), mirror], "sha256", deadline=1.0, backoff=0.3)
+    got = await got_at(eng, [*zip(bs, (0, 0, 0.3, 0.3, 0.45, 0.45)), (g, 0.6)])
     assert got == {g[0]: g[1]}, f"mirror asked for g {mirror.calls.count(g[0])} times"
 
 
@@ -465,6 +452,46 @@ async def test_a_raced_request_that_times_out_during_the_last_tries_beside_it():
     with trio.fail_after(3):
         assert await eng.get(x, len(dx)) == dx
     assert b2.calls == [x]
+
+
+async def test_a_slow_stores_last_try_does_not_send_new_chunks_to_a_hung_next_store():
+    # slow: one connection, 0.6 s a chunk; hung: the next store.  Both are
+    # set aside briefly at 0 s (a burst of 503s): a, asked then, skips
+    # both, and its last try takes slow's connection at 0 s (answered at
+    # 0.6 s).  h, asked at 0.55 s once both are back, is asked of slow,
+    # raced in vain by hung and served at 1.2 s.  With 0ec7d13 the last
+    # try, "silent" at 0.5 s, set slow aside for 60 s: h went to the hung
+    # store, the last one, never raced, and failed at its deadline.
+    (a, da), (h, dh) = chunk(1), chunk(2)
+    slow = OneLineStore("slow", [(a, da), (h, dh)], delay=0.6)
+    hung = Store("hung", [], lambda cid, n: "stall")
+    eng = ChunkEngine([slow, hung], "sha256", deadline=2.0, backoff=60.0)
+    got = {}
+
+    async def get(cid, data, at):
+        await trio.sleep(at)
+        got[cid] = await eng.get(cid, len(data))
+    with trio.fail_after(4):
+        async with trio.open_nursery() as nursery:
+            eng._far_stores[0].set_aside(0.1, "after errors")
+            eng._far_stores[1].set_aside(0.3, "after errors")
+            nursery.start_soon(get, a, da, 0)
+            nursery.start_soon(get, h, dh, 0.55)
+    assert got == {a: da, h: dh}
+
+
+async def test_requests_queued_behind_ones_that_cannot_be_raced_are_raced():
+    # A hung store with two connections; B is set aside for 0.15 s.  x1,
+    # x2, asked of A meanwhile with no other store left, cannot be raced;
+    # they hold A's connections until their deadlines (1.01 s).  g, asked
+    # at 0.16 s once B is back, queues behind them, and was raced only
+    # after its own deadline (1.16 s), though B has it.
+    g = chunk(100)
+    b = Store("B", [g])
+    eng = ChunkEngine([hung_store("A", 2), b], "sha256", deadline=1.0, backoff=60.0)
+    eng._far_stores[1].set_aside(0.15, "after errors")
+    got = await got_at(eng, [(chunk(1), 0.01), (chunk(2), 0.01), (g, 0.16)])
+    assert got == {g[0]: g[1]}, f"B asked for g {b.calls.count(g[0])} times"
 
 
 async def test_a_chunk_that_failed_names_every_store_that_did_not_answer():
@@ -865,6 +892,30 @@ class OneLineStore(Store):
         self.asked.append(cid)
         async with self.slots.hold(priority or Priority()):
             return await super().fetch(cid, held=held)
+
+
+def hung_store(name, connections):
+    """A store that never answers, behind ``connections`` connections."""
+    store = OneLineStore(name, [], delay=0.0)
+    store.slots = Slots(connections)
+    store.fault = lambda cid, n: "stall"
+    return store
+
+
+async def got_at(eng, plan):
+    """The chunks ``eng`` delivers of those ``plan`` asks for, each at its
+    moment (``(chunk, seconds)``)."""
+    got = {}
+
+    async def get(c, at):
+        await trio.sleep(at)
+        with contextlib.suppress(ChunkError):
+            got[c[0]] = await eng.get(*_want(c))
+    with trio.fail_after(3):
+        async with trio.open_nursery() as nursery:
+            for c, at in plan:
+                nursery.start_soon(get, c, at)
+    return got
 
 
 async def test_a_reader_moves_the_readahead_it_waits_for_to_the_front():
