@@ -833,8 +833,12 @@ class ChunkEngine:
         with trio.move_on_at(load.until):
             race = _Race()
             await self._search(race, want, problems, start, priority, passed, load)
-            return race.won or await self._ask_passed(chunk_id, problems, priority, passed,
-                                                      load)
+            if race.won is None:
+                await self._last_tries(race, want, problems, priority, passed, load)
+            if race.won is None:
+                raise ChunkError(f"chunk {chunk_id.hex()}: "
+                                 + "; ".join(_said(problems) or ["no stores"]))
+            return race.won
         # The searches a race started end at the same deadline: let them
         # say which of their stores never answered.
         await trio.lowlevel.checkpoint()
@@ -853,18 +857,29 @@ class ChunkEngine:
             self._failed.expire()
             self._failed[chunk_id] = message
 
-    async def _ask_passed(self, chunk_id, problems, priority, passed, load):
-        """The last try of each store passed over, in turn."""
-        # A copy: a raced request that times out meanwhile adds its store.
-        for position in list(passed):
-            if passed[position]:
-                continue
-            passed[position] = True
-            found = await self._ask_watched(load, self._far_stores[position], chunk_id,
-                                            problems, priority, False, last_try=True)
-            if found is not None:
-                return position, found
-        raise ChunkError(f"chunk {chunk_id.hex()}: " + "; ".join(_said(problems) or ["no stores"]))
+    async def _last_tries(self, race, want, problems, priority, passed, load):
+        """The last tries of the stores passed over, all at once (any of
+        them may hang), until a copy wins ``race``; with more than one,
+        each copy is verified before it wins.  A store passed over
+        meanwhile (a raced request that timed out) gets its own after."""
+        while race.won is None:
+            left = [position for position, had_it in passed.items() if not had_it]
+            if not left:
+                return
+            race.raced = race.raced or len(left) > 1
+            async with trio.open_nursery() as nursery:
+                race.searches.add(nursery.cancel_scope)  # a win ends the others
+                for position in left:
+                    passed[position] = True
+                    nursery.start_soon(self._last_try, race, want, problems, priority,
+                                       position, load)
+            race.searches.discard(nursery.cancel_scope)
+
+    async def _last_try(self, race, want, problems, priority, position, load):
+        found = await self._ask_watched(load, self._far_stores[position], want[0], problems,
+                                        priority, False, last_try=True)
+        if found is not None:
+            await self._claim(race, want, problems, position, found)
 
     async def _search(self, race, want, problems, start, priority, passed, load):
         """Ask the stores from ``start`` on, in order, until one wins ``race``."""
@@ -908,7 +923,7 @@ class ChunkEngine:
                 race.searches.add(scope)
                 await self._search(race, want, problems, position + 1, priority, passed, load)
                 if race.won is None and not ask.done:
-                    await self._last_tries_beside(race, want, problems, priority, passed, load)
+                    await self._last_tries(race, want, problems, priority, passed, load)
             race.searches.discard(scope)
             ask.searched.set()
         ask = _Ask(state, lambda: load.nursery.start_soon(go_on))
@@ -930,15 +945,6 @@ class ChunkEngine:
         if race.won is None:
             await ask.searched.wait()
         return True
-
-    async def _last_tries_beside(self, race, want, problems, priority, passed, load):
-        """The last tries of the stores a race's search passed over, while
-        the raced request is still out (it may hold on until the deadline)."""
-        try:
-            position, found = await self._ask_passed(want[0], problems, priority, passed, load)
-        except ChunkError:  # none had it: the raced request may yet answer
-            return
-        await self._claim(race, want, problems, position, found)
 
     async def _ask_watched(self, load, state, chunk_id, problems, priority, others_left,
                            last_try=False):

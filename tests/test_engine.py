@@ -431,6 +431,39 @@ async def test_a_store_passed_over_in_a_race_gets_its_last_try_beside_the_raced_
     assert b.calls == [x]
 
 
+async def test_a_corrupt_copy_on_a_last_try_beside_a_raced_request_does_not_end_them():
+    # A hangs; B (set aside) has a corrupt copy of x, C lacks it, D (set
+    # aside) has it.  At 0.25 s A is raced: the search passes B and D
+    # over, C lacks x, and the last tries beside A's request begin.  B's
+    # copy is corrupt, and D's last try waited for A's request, which
+    # held on until the deadline: x failed though D had it.
+    (x, dx), = [chunk(1)]
+    a = Store("A", [(x, dx)], lambda cid, n: "stall")
+    b = Store("B", [(x, b"garbage")])
+    d = Store("D", [(x, dx)])
+    eng = engine([a, b, Store("C", []), d], deadline=1.0)
+    eng._far_stores[1].set_aside(5.0, "after errors")
+    eng._far_stores[3].set_aside(5.0, "after errors")
+    with trio.fail_after(2):
+        assert await eng.get(x, len(dx)) == dx
+    assert b.calls == [x] and d.calls == [x]
+
+
+async def test_a_hung_last_try_does_not_hold_up_the_next_store_passed_over():
+    # B (set aside) hangs, C lacks x, D (set aside) has it.  The last
+    # tries went in turn: B's held on until the deadline, and D was never
+    # asked.
+    (x, dx), = [chunk(1)]
+    b = Store("B", [(x, dx)], lambda cid, n: "stall")
+    d = Store("D", [(x, dx)])
+    eng = engine([b, Store("C", []), d], deadline=1.0)
+    eng._far_stores[0].set_aside(5.0, "after errors")
+    eng._far_stores[2].set_aside(5.0, "after errors")
+    with trio.fail_after(2):
+        assert await eng.get(x, len(dx)) == dx
+    assert d.calls == [x]
+
+
 async def test_a_raced_request_that_times_out_during_the_last_tries_beside_it():
     # A is raced at 0.5 s; the search passes B1 and B2 over (set aside)
     # and finds C without x, so their last tries run beside A's request.
