@@ -163,14 +163,16 @@ class _Race:
     store's position and the fetched bytes), whether a request was ever
     raced (``raced``: then every copy is verified before it wins), the
     requests still running while the next stores are searched
-    (``rivals``: _Ask), and the scopes of those searches (``searches``)."""
-    __slots__ = ("won", "raced", "rivals", "searches")
+    (``rivals``: _Ask), the scopes of those searches (``searches``), and
+    the nursery of the last tries while they run (``tries``)."""
+    __slots__ = ("won", "raced", "rivals", "searches", "tries")
 
     def __init__(self):
         self.won = None
         self.raced = False
         self.rivals = set()
         self.searches = set()
+        self.tries = None
 
 
 class _Ask:
@@ -867,13 +869,18 @@ class ChunkEngine:
             if not left:
                 return
             race.raced = race.raced or len(left) > 1
-            async with trio.open_nursery() as nursery:
-                race.searches.add(nursery.cancel_scope)  # a win ends the others
-                for position in left:
-                    passed[position] = True
-                    nursery.start_soon(self._last_try, race, want, problems, priority,
-                                       position, load)
-            race.searches.discard(nursery.cancel_scope)
+            try:
+                async with trio.open_nursery() as race.tries:
+                    race.searches.add(race.tries.cancel_scope)  # a win ends the others
+                    for position in left:
+                        passed[position] = True
+                        race.tries.start_soon(self._last_try, race, want, problems, priority,
+                                              position, load)
+                race.searches.discard(race.tries.cancel_scope)
+            finally:
+                # Open to new tries until its block has exited: no task runs
+                # between that and this.
+                race.tries = None
 
     async def _last_try(self, race, want, problems, priority, position, load):
         found = await self._ask_watched(load, self._far_stores[position], want[0], problems,
@@ -894,9 +901,12 @@ class ChunkEngine:
                 passed[position] = False
                 continue
             others_left = any(other.available() for other in self._far_stores[position + 1:])
-            if others_left and not state.store.blocking and load.hedger is not None:
+            # Raced even if the next stores are all set aside now: by the
+            # time it is raced they may be back, or get their last tries.
+            if (position + 1 < len(self._far_stores) and not state.store.blocking
+                    and load.hedger is not None):
                 if await self._ask_racing(race, want, problems, position, priority, passed,
-                                          load):
+                                          load, others_left):
                     return
                 continue
             found = await self._ask_watched(load, state, want[0], problems, priority,
@@ -906,7 +916,8 @@ class ChunkEngine:
             elif found is not None and await self._claim(race, want, problems, position, found):
                 return
 
-    async def _ask_racing(self, race, want, problems, position, priority, passed, load):
+    async def _ask_racing(self, race, want, problems, position, priority, passed, load,
+                          others_left):
         """Ask a remote store that others follow.  If its request holds a
         connection for a quarter of the deadline without an answer, the
         hedger starts the search of the next stores beside it (keeping the
@@ -931,12 +942,15 @@ class ChunkEngine:
         try:
             with ask.scope:
                 found = await self._ask(
-                    state, want[0], problems, priority, True, lambda: load.hedger.held(ask),
-                    race=ask.race)
+                    state, want[0], problems, priority, others_left,
+                    lambda: load.hedger.held(ask), race=ask.race)
         finally:  # also when a rival's win cancels this search
             ask.done = True
         race.rivals.discard(ask)
-        if found is _LATER:
+        if found is _LATER and race.tries is not None:  # last tries are on: join them
+            passed[position] = race.raced = True
+            race.tries.start_soon(self._last_try, race, want, problems, priority, position, load)
+        elif found is _LATER:
             passed[position] = False
         elif found is not None and await self._claim(race, want, problems, position, found):
             return True
@@ -974,9 +988,11 @@ class ChunkEngine:
             if ask.state.answered < ask.held:
                 ask.state.race_queued()
             return True
-        if ask.searched is not None or ask.done:
+        if ask.done:
             return False
-        if ask.state.answered < ask.held:
+        # Also when it was raced while still queued: then nobody has yet
+        # said that the store is silent.
+        if ask.state.answered < ask.held and ask.state.available():
             self._set_aside(ask.state, HTTPError(
                 f"no answer from {ask.state.store} within {self._hedge_after:g} s", True),
                 silent=True)

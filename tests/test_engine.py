@@ -60,6 +60,24 @@ class Store:
         pass
 
 
+class TimesOutFirst(Store):
+    """Its tries while other stores are left time out after ``after``
+    seconds (a --timeout); its full tries answer."""
+
+    def __init__(self, name, chunks, after):
+        super().__init__(name, chunks)
+        self.after = after
+
+    async def fetch(self, cid, priority=None, others_left=False, held=None):
+        began = trio.current_time()
+        held()
+        self.calls.append(cid)
+        if others_left:
+            await trio.sleep(self.after)
+            raise HTTPError(f"no answer within {self.after:g} s", True, began)
+        return (self.chunks[cid], False) if cid in self.chunks else None
+
+
 class Staggered(Store):
     """Serves each chunk after its own delay (``delays``, else ``rest``);
     refuses ``refused`` and serves ``corrupt`` wrong, if any."""
@@ -471,15 +489,8 @@ async def test_a_raced_request_that_times_out_during_the_last_tries_beside_it():
     # asked last too, while those last tries go on (one list changing
     # under another's feet).  B2 has x.
     (x, dx), = [chunk(1)]
-
-    class TimesOut(Store):
-        async def fetch(self, cid, priority=None, others_left=False, held=None):
-            began = trio.current_time()
-            held()
-            await trio.sleep(0.8)
-            raise HTTPError("no answer within 0.8 s", True, began)
     b1, b2 = Store("B1", [], delay=0.5), Store("B2", [(x, dx)])
-    eng = engine([TimesOut("A", []), b1, b2, Store("C", [])], deadline=2.0)
+    eng = engine([TimesOutFirst("A", [], 0.8), b1, b2, Store("C", [])], deadline=2.0)
     for state in eng._far_stores[1:3]:
         state.set_aside(5.0, "after errors")
     with trio.fail_after(3):
@@ -525,6 +536,53 @@ async def test_requests_queued_behind_ones_that_cannot_be_raced_are_raced():
     eng._far_stores[1].set_aside(0.15, "after errors")
     got = await got_at(eng, [(chunk(1), 0.01), (chunk(2), 0.01), (g, 0.16)])
     assert got == {g[0]: g[1]}, f"B asked for g {b.calls.count(g[0])} times"
+
+
+async def test_a_request_raced_while_queued_still_sets_its_silent_store_aside():
+    # A: two connections, hangs on all but s (served in 0.2 s).  B is set
+    # aside until 0.05 s, so w, asked at 0, holds a connection unraced
+    # until its deadline.  s holds the other from 0.1 to 0.3 s.  r1, r1b
+    # queue at 0.15, 0.2 s; w's watch races them at 0.25 s (B lacks them).
+    # r1 takes the connection s frees and hangs; its own hedge (0.55 s)
+    # found it raced already and did nothing, and w's watch saw an answer
+    # since w got its connection: A was never set aside, and g, asked at
+    # 0.35 s, queued behind r1b and r1 past its deadline, though B has it.
+    w, s, r1, r1b, g = (chunk(n) for n in range(1, 6))
+    a = OneLineStore("A", [s], delay=0.2)
+    a.slots = Slots(2)
+    a.fault = lambda cid, n: None if cid == s[0] else "stall"
+    b = Store("B", [g])
+    eng = engine([a, b], deadline=1.0)
+    eng._far_stores[1].set_aside(0.05, "after errors")
+    got = await got_at(eng, [(w, 0), (s, 0.1), (r1, 0.15), (r1b, 0.2), (g, 0.35)])
+    assert got.get(g[0]) == g[1], f"B asked for g {b.calls.count(g[0])} times"
+
+
+async def test_a_raced_store_that_times_out_gets_its_last_try_beside_a_hung_one():
+    # A's try with others left gets no answer (0.4 s, a --timeout); its
+    # full tries serve x.  B (set aside) hangs; C lacks x.  At 0.25 s A is
+    # raced: the search passes B over, C lacks x, and B's last try begins
+    # beside A's request.  At 0.4 s A's try times out: A is to be asked
+    # last too, and its last try waited for B's to end, at the deadline.
+    (x, dx), = [chunk(1)]
+    eng = engine([TimesOutFirst("A", [(x, dx)], 0.4),
+                  Store("B", [(x, dx)], lambda cid, n: "stall"),
+                  Store("C", [])], deadline=1.0)
+    eng._far_stores[1].set_aside(5.0, "after errors")
+    with trio.fail_after(2):
+        assert await eng.get(x, len(dx)) == dx
+
+
+async def test_a_request_asked_while_the_next_store_was_aside_moves_on_once_it_is_back():
+    # B is set aside until 0.15 s, so x, asked of the hung store A at
+    # 0.01 s, is asked with no other store left.  It held A's connection
+    # until its deadline, though B was back with x from 0.15 s.
+    x = chunk(1)
+    b = Store("B", [x])
+    eng = engine([Store("A", [], lambda cid, n: "stall"), b], deadline=1.0)
+    eng._far_stores[1].set_aside(0.15, "after errors")
+    got = await got_at(eng, [(x, 0.01)])
+    assert got == {x[0]: x[1]}, f"B asked for x {b.calls.count(x[0])} times"
 
 
 async def test_a_chunk_that_failed_names_every_store_that_did_not_answer():
