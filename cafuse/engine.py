@@ -164,8 +164,9 @@ class _Race:
     raced (``raced``: then every copy is verified before it wins), the
     requests still running while the next stores are searched
     (``rivals``: _Ask), the scopes of those searches (``searches``), and
-    the nursery of the last tries while they run (``tries``)."""
-    __slots__ = ("won", "raced", "rivals", "searches", "tries")
+    the nursery of the last tries (``tries``), open to more while
+    ``trying`` counts some still running."""
+    __slots__ = ("won", "raced", "rivals", "searches", "tries", "trying")
 
     def __init__(self):
         self.won = None
@@ -173,6 +174,7 @@ class _Race:
         self.rivals = set()
         self.searches = set()
         self.tries = None
+        self.trying = 0
 
 
 class _Ask:
@@ -874,19 +876,23 @@ class ChunkEngine:
                     race.searches.add(race.tries.cancel_scope)  # a win ends the others
                     for position in left:
                         passed[position] = True
+                        race.trying += 1
                         race.tries.start_soon(self._last_try, race, want, problems, priority,
                                               position, load)
                 race.searches.discard(race.tries.cancel_scope)
             finally:
-                # Open to new tries until its block has exited: no task runs
-                # between that and this.
                 race.tries = None
 
     async def _last_try(self, race, want, problems, priority, position, load):
-        found = await self._ask_watched(load, self._far_stores[position], want[0], problems,
-                                        priority, False, last_try=True)
-        if found is not None:
-            await self._claim(race, want, problems, position, found)
+        try:
+            found = await self._ask_watched(load, self._far_stores[position], want[0],
+                                            problems, priority, False, last_try=True)
+            if found is not None:
+                await self._claim(race, want, problems, position, found)
+        finally:
+            # The nursery closes as its last task ends, before _last_tries
+            # runs again: none may join it from then on.
+            race.trying -= 1
 
     async def _search(self, race, want, problems, start, priority, passed, load):
         """Ask the stores from ``start`` on, in order, until one wins ``race``."""
@@ -933,7 +939,10 @@ class ChunkEngine:
             with trio.move_on_at(load.until) as scope:
                 race.searches.add(scope)
                 await self._search(race, want, problems, position + 1, priority, passed, load)
-                if race.won is None and not ask.done:
+                # Not while every other store is set aside: those get their
+                # last tries once this request is answered, not one per chunk.
+                if race.won is None and not ask.done and (others_left or any(
+                        other.available() for other in self._far_stores[position + 1:])):
                     await self._last_tries(race, want, problems, priority, passed, load)
             race.searches.discard(scope)
             ask.searched.set()
@@ -947,8 +956,9 @@ class ChunkEngine:
         finally:  # also when a rival's win cancels this search
             ask.done = True
         race.rivals.discard(ask)
-        if found is _LATER and race.tries is not None:  # last tries are on: join them
+        if found is _LATER and race.trying:  # last tries are on: join them
             passed[position] = race.raced = True
+            race.trying += 1
             race.tries.start_soon(self._last_try, race, want, problems, priority, position, load)
         elif found is _LATER:
             passed[position] = False
@@ -1156,8 +1166,10 @@ class ChunkEngine:
             return
         if not any(other.available() for other in self._far_stores if other is not state):
             return
+        news = state.available()  # else only its time aside is renewed
         state.set_aside(self.backoff, "for not answering" if silent else "after errors", silent)
-        log.warning("%s; setting store %s aside for %g s", error, state.store, self.backoff)
+        log.log(logging.WARNING if news else logging.DEBUG,
+                "%s; setting store %s aside for %g s", error, state.store, self.backoff)
 
     def _account(self, source, raw_size=0):
         self.stats.sources[source] += 1
