@@ -165,8 +165,9 @@ class _Race:
     requests still running while the next stores are searched
     (``rivals``: _Ask), the scopes of those searches (``searches``), and
     the nursery of the last tries (``tries``), open to more while
-    ``trying`` counts some still running."""
-    __slots__ = ("won", "raced", "rivals", "searches", "tries", "trying")
+    ``trying`` counts some still running, and whether a raced request
+    was asked while another store was available (``others``)."""
+    __slots__ = ("won", "raced", "rivals", "searches", "tries", "trying", "others")
 
     def __init__(self):
         self.won = None
@@ -175,6 +176,7 @@ class _Race:
         self.searches = set()
         self.tries = None
         self.trying = 0
+        self.others = False
 
 
 class _Ask:
@@ -182,8 +184,10 @@ class _Ask:
     serve, or one that cannot be raced (``go_on`` None: it is only
     watched).  ``scope`` holds the request; ``held`` is when it got its
     connection; ``searched`` is set, once it is raced, when the search of
-    the next stores (``go_on()``, a task of its own) ends."""
-    __slots__ = ("state", "scope", "held", "done", "go_on", "searched")
+    the next stores (``go_on()``, a task of its own) ends; ``waiting`` is
+    the scope of that search's wait for a store to come back, if it
+    waits."""
+    __slots__ = ("state", "scope", "held", "done", "go_on", "searched", "waiting")
 
     def __init__(self, state, go_on):
         self.state, self.go_on = state, go_on
@@ -191,6 +195,7 @@ class _Ask:
         self.held = math.inf
         self.done = False
         self.searched = None
+        self.waiting = None
 
     def race(self) -> None:
         """Search the next stores beside this request (once)."""
@@ -939,14 +944,16 @@ class ChunkEngine:
             with trio.move_on_at(load.until) as scope:
                 race.searches.add(scope)
                 await self._search(race, want, problems, position + 1, priority, passed, load)
-                # Not while every other store is set aside: those get their
-                # last tries once this request is answered, not one per chunk.
-                if race.won is None and not ask.done and (others_left or any(
-                        other.available() for other in self._far_stores[position + 1:])):
+                if race.won is None and not ask.done and not race.others:
+                    # Not a dead mirror's request per chunk beside a slow
+                    # store's: the stores set aside are asked once back.
+                    await self._until_one_is_back(ask, self._far_stores[position + 1:])
+                if race.won is None and not ask.done:
                     await self._last_tries(race, want, problems, priority, passed, load)
             race.searches.discard(scope)
             ask.searched.set()
         ask = _Ask(state, lambda: load.nursery.start_soon(go_on))
+        race.others = race.others or others_left
         found = None
         try:
             with ask.scope:
@@ -955,6 +962,8 @@ class ChunkEngine:
                     lambda: load.hedger.held(ask), race=ask.race)
         finally:  # also when a rival's win cancels this search
             ask.done = True
+            if ask.waiting is not None:
+                ask.waiting.cancel()
         race.rivals.discard(ask)
         if found is _LATER and race.trying:  # last tries are on: join them
             passed[position] = race.raced = True
@@ -969,6 +978,15 @@ class ChunkEngine:
         if race.won is None:
             await ask.searched.wait()
         return True
+
+    @staticmethod
+    async def _until_one_is_back(ask, stores):
+        """Wait while every one of ``stores`` is set aside, until the first
+        is back or ``ask``'s request ends."""
+        with trio.CancelScope() as ask.waiting:
+            while not any(state.available() for state in stores):
+                back = min(state.down_until for state in stores)
+                await trio.sleep(max(0.0, back - time.monotonic()))
 
     async def _ask_watched(self, load, state, chunk_id, problems, priority, others_left,
                            last_try=False):
@@ -1166,8 +1184,9 @@ class ChunkEngine:
             return
         if not any(other.available() for other in self._far_stores if other is not state):
             return
-        news = state.available()  # else only its time aside is renewed
-        state.set_aside(self.backoff, "for not answering" if silent else "after errors", silent)
+        why = "for not answering" if silent else "after errors"
+        news = state.available() or state.why_aside != why  # else its time is only renewed
+        state.set_aside(self.backoff, why, silent)
         log.log(logging.WARNING if news else logging.DEBUG,
                 "%s; setting store %s aside for %g s", error, state.store, self.backoff)
 

@@ -573,14 +573,17 @@ async def test_a_raced_store_that_times_out_gets_its_last_try_beside_a_hung_one(
         assert await eng.get(x, len(dx)) == dx
 
 
-async def test_a_request_asked_while_the_next_store_was_aside_moves_on_once_it_is_back():
-    # B is set aside until 0.15 s, so x, asked of the hung store A at
-    # 0.01 s, is asked with no other store left.  It held A's connection
-    # until its deadline, though B was back with x from 0.15 s.
+@pytest.mark.parametrize("back", [0.15, 0.35], ids=["before the race", "after it"])
+async def test_a_request_asked_while_the_next_store_was_aside_moves_on_once_it_is_back(back):
+    # B is set aside until ``back``, so x, asked of the hung store A at
+    # 0.01 s, is asked with no other store left; it is raced at 0.26 s.
+    # It held A's connection until its deadline, though B was back with x
+    # (not raced before 5e91108; raced in vain with B still aside at
+    # 1f3f333: B's last try then waited for A's answer).
     x = chunk(1)
     b = Store("B", [x])
     eng = engine([Store("A", [], lambda cid, n: "stall"), b], deadline=1.0)
-    eng._far_stores[1].set_aside(0.15, "after errors")
+    eng._far_stores[1].set_aside(back, "after errors")
     got = await got_at(eng, [(x, 0.01)])
     assert got == {x[0]: x[1]}, f"B asked for x {b.calls.count(x[0])} times"
 
@@ -676,6 +679,40 @@ async def test_a_store_set_aside_behind_a_slow_one_is_not_asked_and_warned_of_pe
             assert await eng.get(*_want(c)) == c[1]
     warned = [r.getMessage() for r in caplog.records if "store B aside" in r.getMessage()]
     assert warned == [] and down.calls == [], (warned, len(down.calls))
+
+
+async def test_a_store_passed_over_gets_its_last_try_beside_a_raced_request_to_a_hung_next_one():
+    # A and B hang; C has x but was set aside.  B was there to ask when A
+    # was asked, so C gets its last try beside A's raced request.  But A's
+    # race asks B, raced in turn with every store after it set aside, and
+    # waits for it: C was never asked, and x failed.
+    (x, dx), = [chunk(1)]
+    c = Store("C", [(x, dx)])
+    eng = engine([Store("A", [(x, dx)], lambda cid, n: "stall"),
+                  Store("B", [(x, dx)], lambda cid, n: "stall"), c], deadline=1.0)
+    eng._far_stores[2].set_aside(5.0, "after errors")
+    with trio.fail_after(2):
+        assert await eng.get(x, len(dx)) == dx
+    assert c.calls == [x]
+
+
+async def test_a_store_set_aside_for_not_answering_that_then_fails_is_warned_of(caplog):
+    # A's request is raced at 0.25 s: A is set aside "for not answering"
+    # (warned).  At 0.4 s the request fails with 503s: A is set aside
+    # "after errors", which cancels its requests, and that was only a
+    # debug line.
+    (x, dx), = [chunk(1)]
+
+    class FailsLate(Store):
+        async def fetch(self, cid, priority=None, others_left=False, held=None):
+            held()
+            await trio.sleep(0.4)
+            raise HTTPError("HTTP 503 after 3 tries", True)
+    eng = engine([FailsLate("A", []), Store("B", [(x, dx)], delay=0.5)], deadline=1.0)
+    with caplog.at_level(logging.WARNING, logger="cafuse"), trio.fail_after(2):
+        assert await eng.get(x, len(dx)) == dx
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("503" in message for message in warned), warned
 
 
 async def test_a_chunk_that_failed_names_every_store_that_did_not_answer():
