@@ -947,13 +947,16 @@ class ChunkEngine:
                 if race.won is None and not ask.done and not race.others:
                     # Not a dead mirror's request per chunk beside a slow
                     # store's: the stores set aside are asked once back.
-                    await self._until_one_is_back(ask, self._far_stores[position + 1:])
+                    await self._until_one_is_back(ask, [
+                        self._far_stores[p] for p, had_it in passed.items() if not had_it])
                 if race.won is None and not ask.done:
                     await self._last_tries(race, want, problems, priority, passed, load)
             race.searches.discard(scope)
             ask.searched.set()
         ask = _Ask(state, lambda: load.nursery.start_soon(go_on))
-        race.others = race.others or others_left
+        # A request of the race's own search was asked of a store that is
+        # there: the stores passed over are no dead mirrors behind it alone.
+        race.others = race.others or others_left or race.raced
         found = None
         try:
             with ask.scope:
@@ -981,10 +984,10 @@ class ChunkEngine:
 
     @staticmethod
     async def _until_one_is_back(ask, stores):
-        """Wait while every one of ``stores`` is set aside, until the first
-        is back or ``ask``'s request ends."""
+        """Wait while every one of ``stores`` (if any) is set aside, until
+        the first is back or ``ask``'s request ends."""
         with trio.CancelScope() as ask.waiting:
-            while not any(state.available() for state in stores):
+            while stores and not any(state.available() for state in stores):
                 back = min(state.down_until for state in stores)
                 await trio.sleep(max(0.0, back - time.monotonic()))
 

@@ -696,6 +696,37 @@ async def test_a_store_passed_over_gets_its_last_try_beside_a_raced_request_to_a
     assert c.calls == [x]
 
 
+async def test_a_store_passed_over_gets_its_last_try_once_the_next_store_is_back_though_it_hangs():
+    # A and B hang; C has x but is set aside for 5 s.  B is set aside too
+    # until 0.1 s, so x, asked of A at 0.01 s, is asked with no other
+    # store available.  B is back before A's race (0.26 s): the race asks
+    # B, raced in turn at 0.51 s with C still aside, and B's search waited
+    # for C to come back while A's waited for B's: C was never asked.
+    x = chunk(1)
+    c = Store("C", [x])
+    eng = engine([Store("A", [x], lambda cid, n: "stall"),
+                  Store("B", [x], lambda cid, n: "stall"), c], deadline=1.0)
+    eng._far_stores[1].set_aside(0.1, "after errors")
+    eng._far_stores[2].set_aside(5.0, "after errors")
+    got = await got_at(eng, [(x, 0.01)])
+    assert got == {x[0]: x[1]}, f"C asked for x {c.calls.count(x[0])} times"
+
+
+async def test_a_store_passed_over_before_a_raced_one_is_asked_once_it_is_back():
+    # S has x, set aside until 0.1 s; A hangs; C is set aside for 5 s.  x,
+    # asked at 0.01 s, passes S over and is asked of A with every other
+    # store aside.  S is back at 0.1 s, before A's race (0.26 s), but the
+    # race waited only for C (the stores after A): x failed.
+    x = chunk(1)
+    s = Store("S", [x])
+    eng = engine([s, Store("A", [x], lambda cid, n: "stall"), Store("C", [x])],
+                 deadline=1.0)
+    eng._far_stores[0].set_aside(0.1, "after errors")
+    eng._far_stores[2].set_aside(5.0, "after errors")
+    got = await got_at(eng, [(x, 0.01)])
+    assert got == {x[0]: x[1]}, f"S asked for x {s.calls.count(x[0])} times"
+
+
 async def test_a_store_set_aside_for_not_answering_that_then_fails_is_warned_of(caplog):
     # A's request is raced at 0.25 s: A is set aside "for not answering"
     # (warned).  At 0.4 s the request fails with 503s: A is set aside
