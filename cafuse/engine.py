@@ -40,6 +40,7 @@ from .slots import Priority
 log = logging.getLogger("cafuse")
 
 DEFAULT_MEMORY_BYTES = 64 << 20
+ASIDE_DOUBLINGS = 6  # a store failing on each return: aside up to 64 times --backoff
 DISK_FAILURES = 3    # failed disk cache calls in a row before going on without it
 # A chunk not delivered within its deadline fails again at once for this
 # long: the kernel follows a failed readahead READ with a READ of the same
@@ -85,6 +86,7 @@ class _StoreState:
         self.down_until = 0.0
         self.why_aside = ""              # "after errors", or why it was set aside
         self.answered = -math.inf        # when it last answered a fetch (trio's clock)
+        self.strikes = 0                 # set-asides since it last answered
         self._fetches: set[_Fetch] = set()
 
     def available(self) -> bool:
@@ -1075,6 +1077,7 @@ class ChunkEngine:
                     problems.append(_Aside.of(state))
                     return _LATER
             state.answered = trio.current_time()
+            state.strikes = 0
         except trio.Cancelled:  # the deadline, most often: named if it fails
             problems.append(_Silent(state.store))
             raise
@@ -1179,7 +1182,8 @@ class ChunkEngine:
     def _set_aside(self, state, error, silent=False):
         """After ``error`` (its own retries spent), skip a store that looks
         down (no connection, timeouts, 5xx) for a while, so a dead mirror
-        costs one deadline, not one per chunk.  An answer about one chunk
+        costs one deadline, not one per chunk; twice as long each time it
+        fails again on its return, until it answers.  An answer about one chunk
         (a 403, a body too large) says nothing of the others; and the last
         store left is never skipped: there is nothing to skip to, and its
         next answer may well be a good one."""
@@ -1189,9 +1193,12 @@ class ChunkEngine:
             return
         why = "for not answering" if silent else "after errors"
         news = state.available() or state.why_aside != why  # else its time is only renewed
-        state.set_aside(self.backoff, why, silent)
+        if state.available():
+            state.strikes += 1
+        seconds = self.backoff * 2 ** min(max(state.strikes - 1, 0), ASIDE_DOUBLINGS)
+        state.set_aside(seconds, why, silent)
         log.log(logging.WARNING if news else logging.DEBUG,
-                "%s; setting store %s aside for %g s", error, state.store, self.backoff)
+                "%s; setting store %s aside for %g s", error, state.store, seconds)
 
     def _account(self, source, raw_size=0):
         self.stats.sources[source] += 1

@@ -746,6 +746,35 @@ async def test_a_store_set_aside_for_not_answering_that_then_fails_is_warned_of(
     assert any("503" in message for message in warned), warned
 
 
+async def test_a_store_that_fails_again_on_each_return_is_set_aside_for_longer(caplog):
+    # A refuses every connection; B serves.  Set aside for 0.05 s each
+    # time, A was asked again every 0.05 s of reading (about 20 times in
+    # the first second here): with the defaults, 5 s aside and a 10 s
+    # --timeout for a hung store, a stall every 15 s.  Failing again on
+    # its return now doubles its time aside (0.05, 0.1, 0.2, 0.4 s...),
+    # and an answer brings it back to the first.
+    chunks = [chunk(n) for n in range(111)]
+    refused = {"on": True}
+    a = Store("A", chunks, lambda cid, n: HTTPError("refused", True) if refused["on"] else None)
+    eng = ChunkEngine([a, Store("B", chunks, delay=0.01)], "sha256", deadline=1.0,
+                      backoff=0.05)
+    with trio.fail_after(5):
+        for c in chunks[:100]:
+            assert await eng.get(*_want(c)) == c[1]
+    assert len(a.calls) <= 10, f"A asked {len(a.calls)} times in about 1 s"
+    refused["on"] = False
+    with trio.fail_after(5):
+        while not eng._far_stores[0].available():
+            await trio.sleep(0.01)
+        for c in chunks[100:110]:
+            assert await eng.get(*_want(c)) == c[1]
+    assert a.calls[-1] == chunks[109][0]
+    refused["on"] = True
+    with caplog.at_level(logging.WARNING, logger="cafuse"), trio.fail_after(1):
+        assert await eng.get(*_want(chunks[110])) == chunks[110][1]
+    assert caplog.records[-1].getMessage().endswith("aside for 0.05 s")
+
+
 async def test_a_chunk_that_failed_names_every_store_that_did_not_answer():
     # Two hung stores: the first is raced at 0.25 s, the second (the last)
     # never answers either.  Before 8f06653: "no answer from hung, hung2;
