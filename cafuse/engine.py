@@ -209,9 +209,10 @@ class _Ask:
 class _Hedger:
     """The clock of a load's races: when a request has held its
     connection for ``after`` seconds without an answer, it ``fire``s, and
-    again each ``after`` seconds while ``fire`` says so.  It keeps time in the load's task that waits for
-    arrivals (``receive``): a timer task per load, or per chunk, costs
-    the event loop more than the rest of a chunk's load."""
+    again each ``after`` seconds while ``fire`` says so.  It keeps time in
+    the load's task that waits for arrivals (``receive``): a timer task
+    per load, or per chunk, costs the event loop more than the rest of a
+    chunk's load."""
 
     def __init__(self, after, fire):
         self._after, self._fire = after, fire
@@ -872,7 +873,8 @@ class ChunkEngine:
         """The last tries of the stores passed over, all at once (any of
         them may hang), until a copy wins ``race``; with more than one,
         each copy is verified before it wins.  A store passed over
-        meanwhile (a raced request that timed out) gets its own after."""
+        meanwhile (a raced request that timed out) joins them, or gets its
+        own after them."""
         while race.won is None:
             left = [position for position, had_it in passed.items() if not had_it]
             if not left:
@@ -996,7 +998,7 @@ class ChunkEngine:
     async def _ask_watched(self, load, state, chunk_id, problems, priority, others_left,
                            last_try=False):
         """``_ask`` for a request that cannot be raced (a last try, or one
-        asked when no other store was available), watched by the load's
+        to the last store), watched by the load's
         hedger: while it holds a connection without an answer, the
         requests queued behind it must not wait for its deadline."""
         watch = _Ask(state, None)
