@@ -183,8 +183,7 @@ class _Race:
 
 class _Ask:
     """A remote store's request for a chunk that the next stores could
-    serve, or one that cannot be raced (``go_on`` None: it is only
-    watched).  ``scope`` holds the request; ``held`` is when it got its
+    serve.  ``scope`` holds the request; ``held`` is when it got its
     connection; ``searched`` is set, once it is raced, when the search of
     the next stores (``go_on()``, a task of its own) ends; ``waiting`` is
     the scope of that search's wait for a store to come back, if it
@@ -206,6 +205,16 @@ class _Ask:
             self.go_on()
 
 
+class _Watch:
+    """A request that cannot be raced (a last try, or one to the last
+    store), on the hedger's clock all the same: ``held`` is when it got
+    its connection."""
+    __slots__ = ("state", "held", "done")
+
+    def __init__(self, state):
+        self.state, self.held, self.done = state, math.inf, False
+
+
 class _Hedger:
     """The clock of a load's races: when a request has held its
     connection for ``after`` seconds without an answer, it ``fire``s, and
@@ -220,7 +229,7 @@ class _Hedger:
         self._count = 0
         self._waiting = None        # the scope of receive()'s wait, while it waits
 
-    def held(self, ask: _Ask) -> None:
+    def held(self, ask: _Ask | _Watch) -> None:
         ask.held = trio.current_time()
         self._due_at(ask.held + self._after, ask)
 
@@ -1001,7 +1010,7 @@ class ChunkEngine:
         to the last store), watched by the load's
         hedger: while it holds a connection without an answer, the
         requests queued behind it must not wait for its deadline."""
-        watch = _Ask(state, None)
+        watch = _Watch(state)
         held = None if load.hedger is None else lambda: load.hedger.held(watch)
         try:
             return await self._ask(state, chunk_id, problems, priority, others_left, held,
@@ -1015,11 +1024,11 @@ class ChunkEngine:
         that has answered nothing since is slow or hung: it is set aside
         for new requests, and those queued for it are raced too where they
         stand (a slow store may be the only one with their chunks).  A
-        request that cannot be raced (a watch) only gets those queued
+        request that cannot be raced (a _Watch) only gets those queued
         behind it raced, each time it comes due (True: again later); the
         store is not set aside for it, since a slow store's last try says
         nothing new of the store."""
-        if ask.go_on is None:
+        if isinstance(ask, _Watch):
             if ask.state.answered < ask.held:
                 ask.state.race_queued()
             return True
@@ -1194,8 +1203,9 @@ class ChunkEngine:
         if not any(other.available() for other in self._far_stores if other is not state):
             return
         why = "for not answering" if silent else "after errors"
-        news = state.available() or state.why_aside != why  # else its time is only renewed
-        if state.available():
+        back = state.available()  # else its time aside is only renewed
+        news = back or state.why_aside != why
+        if back:
             state.strikes += 1
         seconds = self.backoff * 2 ** min(max(state.strikes - 1, 0), ASIDE_DOUBLINGS)
         state.set_aside(seconds, why, silent)

@@ -775,6 +775,19 @@ async def test_a_store_that_fails_again_on_each_return_is_set_aside_for_longer(c
     assert caplog.records[-1].getMessage().endswith("aside for 0.05 s")
 
 
+def test_the_time_aside_of_a_store_that_keeps_failing_stops_doubling():
+    from cafuse.engine import ASIDE_DOUBLINGS
+    eng = ChunkEngine([Store("A", []), Store("B", [])], "sha256", backoff=1.0)
+    state = eng._far_stores[0]
+    periods = []
+    for _ in range(ASIDE_DOUBLINGS + 3):
+        state.down_until = 0.0                     # back, and failing again
+        start = time.monotonic()
+        eng._set_aside(state, HTTPError("refused", True))
+        periods.append(round(state.down_until - start))
+    assert periods == [2 ** min(n, ASIDE_DOUBLINGS) for n in range(ASIDE_DOUBLINGS + 3)]
+
+
 async def test_a_chunk_that_failed_names_every_store_that_did_not_answer():
     # Two hung stores: the first is raced at 0.25 s, the second (the last)
     # never answers either.  Before 8f06653: "no answer from hung, hung2;
