@@ -424,6 +424,21 @@ def section(info: dict, title: str, body: list[str]) -> str:
         *body])
 
 
+def bench_args(doc: str, workdir: Path) -> argparse.Namespace:
+    """The options of a benchmark that builds in ``--workdir`` (made
+    here), times each command ``--runs`` times and, with ``--write``,
+    appends its report to DOCS."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=workdir)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--write", action="store_true",
+                        help="append the results to docs/benchmarks.md")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
 def write_docs(text: str) -> None:
     """Append ``text`` to DOCS (created with its header if missing), one
     blank line after what is there."""

@@ -12,7 +12,6 @@ store alone (until the bench gives up), and with the mirror as an
 --extra-store.
 """
 
-import argparse
 import hashlib
 import socket
 import statistics
@@ -27,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bench_cat import cafuse_cmd, machine, write_docs  # noqa: E402
+from bench_cat import bench_args, cafuse_cmd, machine, write_docs  # noqa: E402
 from servers import Nginx  # noqa: E402
 
 BLOB_BYTES = 20_000_000
@@ -141,14 +140,7 @@ def report(rows, runs: int) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/cafuse-bench-failover"))
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--write", action="store_true",
-                        help="append the results to docs/benchmarks.md")
-    args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    args = bench_args(__doc__, Path("/var/tmp/cafuse-bench-failover"))
     text = report(bench(args.workdir, args.runs), args.runs)
     print(text)
     if args.write:

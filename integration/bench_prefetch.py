@@ -8,7 +8,6 @@ The image comes from bench_cat.py (built once, cached in the workdir).
 MB = 10^6 bytes of decompressed data.
 """
 
-import argparse
 import os
 import random
 import re
@@ -27,7 +26,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bench_cat import REPO, build_image, cafuse_cmd, machine  # noqa: E402
+from bench_cat import bench_args, build_image, cafuse_cmd, machine, write_docs  # noqa: E402
 from servers import Nginx  # noqa: E402
 
 from cafuse.http import Client  # noqa: E402
@@ -150,19 +149,11 @@ def report(r: dict) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/cafuse-bench"))
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--write", action="store_true",
-                        help="append the results to docs/benchmarks.md")
-    args = parser.parse_args()
-    args.workdir.mkdir(parents=True, exist_ok=True)
+    args = bench_args(__doc__, Path("/var/tmp/cafuse-bench"))
     text = report(bench(args.workdir, args.runs))
     print(text)
     if args.write:
-        with open(REPO / "docs" / "benchmarks.md", "a") as f:
-            f.write(text + "\n")
+        write_docs(text)
 
 
 if __name__ == "__main__":
