@@ -417,6 +417,10 @@ class ChunkEngine:
         self._writer_hop = _Hop(0, detached=True)
         self._writer_hop.abandoned = True
         self._writer = _DiskWriter(self._write_call)
+        # Chunks of loads a reader waits for that the full queue did not
+        # take, for ``maintain`` to queue once it has room.
+        self._deferred: collections.deque = collections.deque()
+        self._deferred_bytes = 0
         self._seed_places = [_Place(str(seed)) for seed in self.seeds]
         states = [_StoreState(s) for s in stores]
         # Local stores ahead of the first remote one are read in the same
@@ -758,7 +762,7 @@ class ChunkEngine:
                 waiting.append(left)
                 nursery.start_soon(self._put_disk_patiently, left)
             elif left:
-                log.debug("%d chunks not cached: the disk cache is behind", len(left))
+                self._defer_puts(left)
 
         async def fetch(k, problems):
             try:
@@ -1137,6 +1141,29 @@ class ChunkEngine:
             await trio.sleep(DISK_QUEUE_POLL)
             chunks[:] = self._put_disk(chunks)
 
+    def _defer_puts(self, chunks):
+        """Keep what ``_put_disk`` left of a load a reader waits for (which
+        must not wait for room) until ``maintain`` finds room for it: up
+        to DISK_QUEUE_BYTES of chunks; the others are not cached."""
+        dropped = 0
+        for item in chunks:
+            if self._deferred_bytes + len(item[1]) > DISK_QUEUE_BYTES:
+                dropped += 1
+            else:
+                self._deferred.append(item)
+                self._deferred_bytes += len(item[1])
+        if dropped:
+            log.debug("%d chunks not cached: the disk cache is behind", dropped)
+
+    def _put_deferred(self):
+        """Queue the deferred chunks the writer has room for, in order
+        (all are let go once the cache takes no more)."""
+        if not self._deferred:
+            return
+        left = self._put_disk(list(self._deferred))
+        for _ in range(len(self._deferred) - len(left)):
+            self._deferred_bytes -= len(self._deferred.popleft()[1])
+
     def _flush_disk(self):
         if self.disk is not None and self.disk.flush_due() \
                 and not self._stuck(self._disk_place):
@@ -1221,7 +1248,8 @@ class ChunkEngine:
         would otherwise wait for the next write, so a process killed while
         slow fetches hang keeps what it had fetched."""
         while True:
-            await trio.sleep(0.25)
+            await trio.sleep(DISK_QUEUE_POLL if self._deferred else 0.25)
+            self._put_deferred()
             self._flush_disk()
 
     async def finish_writes(self) -> None:
@@ -1229,9 +1257,10 @@ class ChunkEngine:
         far, for as long as its calls go on returning (not once the cache
         counts as stuck): for ``cafuse prefetch``, whose job is the cache,
         where ``aclose`` would drop what a slow disk has still to write."""
-        while not self._writer.idle() and self.disk is not None \
+        while (self._deferred or not self._writer.idle()) and self.disk is not None \
                 and not self._stuck(self._disk_place):
             await trio.sleep(DISK_QUEUE_POLL)
+            self._put_deferred()
 
     async def aclose(self) -> None:
         for state in self._near_stores + self._far_stores:
@@ -1245,17 +1274,33 @@ class ChunkEngine:
         # waited for (the process may end right after), unless the cache
         # is stuck: a quarter of the deadline, and as long again for the
         # close once the chunks still queued are dropped.
+        until = trio.current_time() + self._stuck_after
+        dropped = await self._drain_deferred(until)
         self._writer.close()
-        if not await self._writer_done():
-            dropped = self._writer.drop_puts()
-            if dropped:
-                log.warning("the disk cache did not keep up: %d chunks not cached", dropped)
-            await self._writer_done()
+        if not await self._writer_done(until):
+            dropped += self._writer.drop_puts()
+            await self._writer_done(trio.current_time() + self._stuck_after)
+        if dropped:
+            log.warning("the disk cache did not keep up: %d chunks not cached", dropped)
 
-    async def _writer_done(self) -> bool:
-        """Wait for the writer's end, a quarter of the deadline at most,
-        and not while the cache is stuck."""
-        with trio.move_on_after(self._stuck_after):
+    async def _drain_deferred(self, until) -> int:
+        """Queue the deferred chunks as the writer makes room, until
+        ``until`` and not while the cache is stuck; how many are left
+        (they are let go)."""
+        with trio.move_on_at(until):
+            self._put_deferred()
+            while self._deferred and not self._stuck(self._disk_place):
+                await trio.sleep(DISK_QUEUE_POLL)
+                self._put_deferred()
+        dropped = len(self._deferred)
+        self._deferred.clear()
+        self._deferred_bytes = 0
+        return dropped
+
+    async def _writer_done(self, until) -> bool:
+        """Wait for the writer's end, until ``until`` at most, and not
+        while the cache is stuck."""
+        with trio.move_on_at(until):
             while self._writer.running():
                 if self._stuck(self._disk_place):
                     return False

@@ -2088,12 +2088,18 @@ async def test_no_writer_thread_without_a_disk_cache():
     assert eng._writer._thread is None
 
 
+def behind_a_slow_disk(tmp_path, monkeypatch, count, put_takes=0.05):
+    """An engine whose disk writer queues 4 chunks at most, on a disk much
+    slower than its store; and ``count`` chunks of that store."""
+    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 4000)
+    chunks = [chunk(n) for n in range(count)]
+    return engine([Store("remote", chunks)], deadline=2.0,
+                  disk=SlowerDiskCache(str(tmp_path), put_takes)), chunks
+
+
 async def test_loads_wait_for_room_while_the_disk_writer_is_a_queue_behind(
         tmp_path, monkeypatch):
-    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 4000)     # 4 chunks
-    chunks = [chunk(n) for n in range(12)]
-    eng = engine([Store("remote", chunks)], deadline=2.0,
-                 disk=SlowerDiskCache(str(tmp_path), put_takes=0.05))
+    eng, chunks = behind_a_slow_disk(tmp_path, monkeypatch, 12)
     start = trio.current_time()
     assert await eng.get_many([_want(c) for c in chunks], urgent=False) == \
         [d for _, d in chunks]
@@ -2101,6 +2107,30 @@ async def test_loads_wait_for_room_while_the_disk_writer_is_a_queue_behind(
     await written(eng)
     await eng.aclose()
     assert cached(tmp_path).present([cid for cid, _ in chunks]) == {cid for cid, _ in chunks}
+
+
+async def test_a_readers_chunks_the_full_queue_did_not_take_are_cached_later(
+        tmp_path, monkeypatch):
+    eng, chunks = behind_a_slow_disk(tmp_path, monkeypatch, 8)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(eng.maintain)
+        assert await eng.get_many([_want(c) for c in chunks]) == [d for _, d in chunks]
+        with trio.fail_after(5):
+            while eng._deferred or not eng._writer.idle():
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert cached(tmp_path).present([cid for cid, _ in chunks]) == {cid for cid, _ in chunks}
+    await eng.aclose()
+
+
+async def test_the_close_queues_a_readers_chunks_left_over_up_to_the_room_for_them(
+        tmp_path, monkeypatch):
+    eng, chunks = behind_a_slow_disk(tmp_path, monkeypatch, 10, put_takes=0.02)
+    # No upkeep runs: the close queues the 4 chunks kept waiting for room;
+    # the 2 past the room kept for them were let go.
+    assert await eng.get_many([_want(c) for c in chunks]) == [d for _, d in chunks]
+    await eng.aclose()
+    assert len(cached(tmp_path).present([cid for cid, _ in chunks])) == 8
 
 
 async def test_chunks_still_to_be_decoded_are_cached_when_their_load_fails(tmp_path):
