@@ -12,7 +12,9 @@ where both can do it:
   cache dropped, so nginx reads the store from disk), with the mount
   process's CPU time; then warm in the same mount (WARM_RUNS times); then
   (cafuse) after a remount with a warm disk cache (the page cache dropped
-  again), with the mount process's CPU time; then cold again with
+  again), with the mount process's CPU time; then (cafuse) with every
+  chunk already in the mount's memory and the kernel's caches dropped,
+  the ceiling of its serving through FUSE; then cold again with
   the store in the page cache (a server that has it in memory);
 - for reference, `tar -cf - .` of the same tree on the local disk, with
   the page cache dropped and warm;
@@ -46,6 +48,8 @@ from servers import Nginx  # noqa: E402
 TIMEOUT = 1800
 WARM_RUNS = 5    # this kind of VM has slow spells of its own: the median of these
 PYTHON_RUNS = 3
+IN_MEMORY_BYTES = 1 << 30
+IN_MEMORY_RUNS = 3
 
 
 def sh(*cmd, **kwargs):
@@ -83,13 +87,24 @@ def build(work: Path) -> Path:
     return www
 
 
+def in_memory_cmd() -> list[str]:
+    """cafuse with its memory bound raised to IN_MEMORY_BYTES, so that it
+    keeps every chunk of the tree in memory."""
+    code = ("import dataclasses, sys; from cafuse import cli; options = cli.options; "
+            "cli.options = lambda args: dataclasses.replace(options(args), "
+            f"memory_bytes={IN_MEMORY_BYTES}); sys.exit(cli.main())")
+    return [sys.executable, "-c", code]
+
+
 @contextmanager
-def mount(kind: str, url: str, store: str, mnt: Path, cache: Path | None):
-    """A cafuse or casync mount, taken down afterwards; yields its pid."""
+def mount(kind: str, url: str, store: str, mnt: Path, cache: Path | None,
+          command: list[str] | None = None):
+    """A cafuse (``command``, if given) or casync mount, taken down
+    afterwards; yields its pid."""
     mnt.mkdir(parents=True, exist_ok=True)
     if kind == "cafuse":
         cache_args = ["--cache-dir", str(cache)] if cache else ["--no-cache"]
-        cmd = cafuse_cmd() + ["mount", *cache_args, "-s", store, url, str(mnt)]
+        cmd = (command or cafuse_cmd()) + ["mount", *cache_args, "-s", store, url, str(mnt)]
     else:
         cmd = ["casync", f"--store={store}", "mount", url, str(mnt)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -163,6 +178,13 @@ def bench_tar(nginx, kind, work) -> dict:
             cpu = cpu_seconds(pid)
             out["remount"], _ = tar_rate(work / f"mnt-{kind}")
             out["remount_cpu"] = cpu_seconds(pid) - cpu
+        with mount(kind, url, store, work / f"mnt-{kind}", cache, in_memory_cmd()):
+            tar_rate(work / f"mnt-{kind}")  # every chunk into its memory
+            out["in_memory_runs"] = []
+            for _ in range(IN_MEMORY_RUNS):
+                drop_caches()
+                out["in_memory_runs"].append(tar_rate(work / f"mnt-{kind}")[0])
+            out["in_memory"] = statistics.median(out["in_memory_runs"])
     shutil.rmtree(cache, ignore_errors=True)
     drop_caches()
     warm_store(work / "www")
@@ -280,6 +302,10 @@ def report(r: dict, www: Path) -> str:
         f"{k['warm']:.0f} | {c['warm'] / k['warm']:.1f}× |",
         f"| remount with a warm disk cache, MB/s | {c['remount']:.0f} | (no cache) | |",
         f"| CPU seconds of the mount process in it | {c['remount_cpu']:.2f} | | |",
+        f"| the same tar, every chunk already in the mount's memory, the kernel's "
+        f"caches dropped (memory bound raised to {IN_MEMORY_BYTES >> 30} GiB): cafuse's "
+        f"own ceiling here, MB/s (median of {IN_MEMORY_RUNS}: "
+        f"{', '.join(f'{r:.0f}' for r in c['in_memory_runs'])}) | {c['in_memory']:.0f} | | |",
         f"| chroot overlay `python3 -c 'print(1)'`, cold, s (median of {PYTHON_RUNS}: "
         f"{runs(py_c, 'seconds')} / {runs(py_k, 'seconds')}) | {py_c['seconds']:.2f} | "
         f"{py_k['seconds']:.2f} | {py_c['seconds'] / py_k['seconds']:.2f}× the time |",
