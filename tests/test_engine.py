@@ -2126,11 +2126,12 @@ async def test_a_readers_chunks_the_full_queue_did_not_take_are_cached_later(
 async def test_the_close_queues_a_readers_chunks_left_over_up_to_the_room_for_them(
         tmp_path, monkeypatch):
     eng, chunks = behind_a_slow_disk(tmp_path, monkeypatch, 10, put_takes=0.02)
-    # No upkeep runs: the close queues the 4 chunks kept waiting for room;
-    # the 2 past the room kept for them were let go.
+    # No upkeep runs: the close queues the 4 chunks kept waiting for room
+    # (those past that room are let go, unless the writer has made room
+    # meanwhile).  Before, only those the queue took were cached: 4 or 5.
     assert await eng.get_many([_want(c) for c in chunks]) == [d for _, d in chunks]
     await eng.aclose()
-    assert len(cached(tmp_path).present([cid for cid, _ in chunks])) == 8
+    assert len(cached(tmp_path).present([cid for cid, _ in chunks])) >= 8
 
 
 async def test_chunks_still_to_be_decoded_are_cached_when_their_load_fails(tmp_path):
