@@ -187,10 +187,8 @@ class _NodeParser:
             self.fail(f"invalid mode {mode:#o}", 0)
         if uid >= 0xFFFFFFFF or gid >= 0xFFFFFFFF:
             self.fail(f"invalid uid/gid {uid}/{gid}", 0)
-        if mtime >= 1 << 63:
-            mtime -= 1 << 64  # pre-1970 times wrap (§5.3): read as signed
         entry = Entry(self.base, self.end, name, feature_flags, mode, flags,
-                      uid, gid, mtime)
+                      uid, gid, mtime_ns(mtime))
         self.metadata(entry)
         self.body(entry)
         return entry
@@ -295,6 +293,23 @@ class _NodeParser:
         ident, perms = struct.unpack_from("<2Q", body)
         name = self.cstring(body[16:], at) if len(body) > 16 else None
         return AclEntry(ident, perms, name)
+
+
+# The earliest time ext4 and XFS hold, 1901-12-13T20:45:52Z (-2**31 s).
+EARLIEST_NS = -(1 << 31) * 10**9
+
+
+def mtime_ns(stored: int) -> int:
+    """An ENTRY's mtime field as ns since the epoch.  The field is
+    unsigned, but casync computes ``sec * 10**9 + nsec`` in unsigned
+    arithmetic, so a time before 1970 wraps modulo 2**64 (casync-format
+    §5.3): a value of 2**63 or more is either that or a time after
+    2262-04-11.  It is read as before 1970 back to EARLIEST_NS, and as
+    after 2262 below that, up to 2486-07-02T20:20:25.7Z, where the two
+    ranges meet: the times ext4 and XFS hold read back as they were (but
+    XFS's last 0.3 s)."""
+    wrapped = stored - (1 << 64)
+    return wrapped if stored >= 1 << 63 and wrapped >= EARLIEST_NS else stored
 
 
 def decode_filename(buf: bytes, offset: int) -> tuple[bytes, int] | NeedMore:

@@ -75,10 +75,13 @@ def mtree(path, store) -> dict[bytes, dict[str, str]]:
 
 def mtree_mtime_ns(values: dict[str, str]) -> int:
     """An mtree ``time=S.N`` as signed ns; casync prints pre-1970 times
-    wrapped modulo 2**64 (casync-format §5.3)."""
+    wrapped modulo 2**64 (casync-format §5.3), which makes them look like
+    times after 2262: a field of 2**63 or more is taken as before 1970 if
+    that is after 1901-12-13 (-2**31 s, the earliest ext4 holds)."""
     seconds, nanos = values["time"].split(".")
-    wrapped = (int(seconds) * 10**9 + int(nanos)) % 2**64
-    return wrapped - 2**64 if wrapped >= 2**63 else wrapped
+    field = (int(seconds) * 10**9 + int(nanos)) % 2**64
+    signed = field - 2**64
+    return signed if field >= 2**63 and signed >= -2**31 * 10**9 else field
 
 
 def extract(index, store, dest) -> None:

@@ -129,9 +129,12 @@ def test_blobs_extract_to_their_source(casync_archive, tmp_path, name, size):
 def test_longname_tree_is_archived_but_not_extractable(casync_archive, tmp_path):
     made = casync_archive("edge")
     listed = oracle.mtree(made.index, made.store)
-    assert list(listed) == [b".", b"n" * 255, b"old.txt", "ü".encode() * 127]
+    assert list(listed) == [b".", b"future.txt", b"n" * 255, b"old.txt",
+                            "ü".encode() * 127]
     assert oracle.mtree_mtime_ns(listed[b"old.txt"]) == trees.PRE_1970
     assert listed[b"old.txt"]["time"] == "18131124874.209551616"  # wrapped mod 2**64
+    assert oracle.mtree_mtime_ns(listed[b"future.txt"]) == trees.AFTER_2262
+    assert listed[b"future.txt"]["time"] == "10413792000.500000000"  # also 2**63 or more
     with pytest.raises(RuntimeError, match="File name too long"):
         oracle.extract(made.index, made.store, tmp_path / "out")
 

@@ -138,11 +138,12 @@ def test_symlinks_followed_inside_the_archive(full):
     trio.run(run)
 
 
-def test_long_names_and_pre_1970_mtime(casync_archive):
+def test_long_names_and_mtimes_before_1970_and_after_2262(casync_archive):
     made = casync_archive("edge")
     entries = read_all(made)
-    assert sorted(len(p) for p in entries) == [7, 254, 255]
+    assert sorted(len(p) for p in entries) == [7, 10, 254, 255]
     assert entries[b"old.txt"][0].mtime_ns == -315619199_500000000
+    assert entries[b"future.txt"][0].mtime_ns == 10413792000_500000000
     compare_with_tree(entries, made.tree)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 T2020 = 1577836800 * 10**9                 # 2020-01-01T00:00:00Z in ns
 PRE_1970 = -315619199 * 10**9 - 500000000  # 1960-01-01T00:00:00.5Z
+AFTER_2262 = 10413792000 * 10**9 + 500000000  # 2300-01-01T00:00:00.5Z
 DEEP_LEVELS = 50
 SORT_NAMES = ("A", "a", "a.b", "a-b", "b")
 UNICODE_NAMES = ("żółw.txt", "日本語", "emoji-🦀")
@@ -152,13 +153,17 @@ def build_longname_tree(root: Path) -> Path:
     """What casync archives but cannot extract (casync-format §13, §5.3): a
     255-byte name, and a pre-1970 mtime.  ``casync extract`` stops at either:
     "File name too long", or, on ext4, "Operation not supported" after it
-    set the wrapped mtime (2544, clamped by ext4 to 2446) and read it back."""
+    set the wrapped mtime (2544, clamped by ext4 to 2446) and read it back.
+    Also an mtime after 2262, whose field, like a wrapped one, is 2**63 or
+    more (casync extracts it right)."""
     root.mkdir()
     (root / ("n" * 255)).write_bytes(b"long name\n")
     (root / ("ü" * 127)).write_bytes(b"254 bytes of UTF-8\n")
     (root / "old.txt").write_bytes(b"1960\n")
+    (root / "future.txt").write_bytes(b"2300\n")
     _times(root)
     os.utime(root / "old.txt", ns=(PRE_1970,) * 2)
+    os.utime(root / "future.txt", ns=(AFTER_2262,) * 2)
     return root
 
 
