@@ -490,7 +490,8 @@ async def cmd_cache_stats(args) -> None:
              f"{size_text(cache.max_bytes)} allowed"]
     if usage.on_disk > usage.bytes:
         lines.append(f"On disk:       {usage.on_disk} bytes ({size_text(usage.on_disk)}) in "
-                     f"pack files, left by processes that died while writing; "
+                     f"pack files, with records not yet committed by a process "
+                     f"writing now, or left by one that died while writing; "
                      f"cafuse cache prune counts them")
     if usage.entries:
         lines += [f"Oldest use:    {timestamp(int(usage.oldest * 1e9))[:19]} UTC",
