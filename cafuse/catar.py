@@ -305,9 +305,9 @@ def mtime_ns(stored: int) -> int:
     arithmetic, so a time before 1970 wraps modulo 2**64 (casync-format
     §5.3): a value of 2**63 or more is either that or a time after
     2262-04-11.  It is read as before 1970 back to EARLIEST_NS, and as
-    after 2262 below that, up to 2486-07-02T20:20:25.7Z, where the two
-    ranges meet: the times ext4 and XFS hold read back as they were (but
-    XFS's last 0.3 s)."""
+    after 2262 below that, up to 2486-07-02, where the two ranges meet:
+    every time ext4 and XFS hold reads back as it was.  A time before
+    1901, which tmpfs and btrfs can hold, reads as one after 2262."""
     wrapped = stored - (1 << 64)
     return wrapped if stored >= 1 << 63 and wrapped >= EARLIEST_NS else stored
 

@@ -305,6 +305,7 @@ class _DiskWriter:
         self._call = call
         self._calls = collections.deque()
         self._unmade = 0          # calls queued or being made
+        self._putting = set()     # ids of the chunks queued or being written
         self._bytes = 0
         self._flush_queued = False
         self._ready = threading.Condition()
@@ -315,9 +316,16 @@ class _DiskWriter:
     def put(self, chunk_id, data, force=False) -> bool:
         with self._ready:
             bound = 2 * DISK_QUEUE_BYTES if force else DISK_QUEUE_BYTES
-            if self.broken or (self._calls and self._bytes + len(data) > bound):
+            if self.broken:
                 return False
-            return self._queue("put", (chunk_id, data), len(data))
+            if chunk_id in self._putting:  # a bulk read fetches a chunk again
+                return True
+            if self._calls and self._bytes + len(data) > bound:
+                return False
+            queued = self._queue("put", (chunk_id, data), len(data))
+            if queued:
+                self._putting.add(chunk_id)
+            return queued
 
     def flush(self) -> None:
         with self._ready:
@@ -340,11 +348,12 @@ class _DiskWriter:
     def drop_puts(self) -> int:
         """Forget the chunks still queued; how many there were."""
         with self._ready:
-            kept = collections.deque(c for c in self._calls if c[0] != "put")
-            dropped = len(self._calls) - len(kept)
-            self._calls, self._bytes = kept, 0
-            self._unmade -= dropped
-        return dropped
+            puts = [call for call in self._calls if call[0] == "put"]
+            self._calls = collections.deque(c for c in self._calls if c[0] != "put")
+            self._bytes = 0
+            self._unmade -= len(puts)
+            self._putting.difference_update(args[0] for _, args, _ in puts)
+        return len(puts)
 
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -383,6 +392,8 @@ class _DiskWriter:
                 self._broke(method, e)
             with self._ready:
                 self._unmade -= 1
+                if method == "put":
+                    self._putting.discard(args[0])
             if method == "close":
                 return
 
@@ -418,8 +429,9 @@ class ChunkEngine:
         self._writer_hop.abandoned = True
         self._writer = _DiskWriter(self._write_call)
         # Chunks of loads a reader waits for that the full queue did not
-        # take, for ``maintain`` to queue once it has room.
-        self._deferred: collections.deque = collections.deque()
+        # take, for ``maintain`` to queue once it has room: id -> (id,
+        # data, store position), in order; a chunk read again is kept once.
+        self._deferred: dict[bytes, tuple] = {}
         self._deferred_bytes = 0
         self._seed_places = [_Place(str(seed)) for seed in self.seeds]
         states = [_StoreState(s) for s in stores]
@@ -1123,14 +1135,20 @@ class ChunkEngine:
         for the disk cache (local ones are close enough); those the full
         queue did not take (with ``force``, up to twice its bound).
         Nothing is queued once the cache counts as stuck."""
-        if self.disk is None or self._writer.closed or self._writer.broken \
-                or self._stuck(self._disk_place):
+        if not self._takes_puts():
             return []
         left = [(cid, data, position) for cid, data, position in chunks
                 if not self._far_stores[position].store.blocking]
         while left and self._writer.put(left[0][0], left[0][1], force):
+            kept = self._deferred.pop(left[0][0], None)  # taken from a later load
+            if kept is not None:
+                self._deferred_bytes -= len(kept[1])
             del left[0]
         return left
+
+    def _takes_puts(self) -> bool:
+        return not (self.disk is None or self._writer.closed or self._writer.broken
+                    or self._stuck(self._disk_place))
 
     async def _put_disk_patiently(self, chunks):
         """``_put_disk`` of the list ``chunks``, waiting for room in the
@@ -1147,22 +1165,33 @@ class ChunkEngine:
         to DISK_QUEUE_BYTES of chunks; the others are not cached."""
         dropped = 0
         for item in chunks:
+            if item[0] in self._deferred:
+                continue
             if self._deferred_bytes + len(item[1]) > DISK_QUEUE_BYTES:
                 dropped += 1
             else:
-                self._deferred.append(item)
+                self._deferred[item[0]] = item
                 self._deferred_bytes += len(item[1])
         if dropped:
             log.debug("%d chunks not cached: the disk cache is behind", dropped)
 
-    def _put_deferred(self):
-        """Queue the deferred chunks the writer has room for, in order
-        (all are let go once the cache takes no more)."""
+    def _put_deferred(self) -> int:
+        """Queue the deferred chunks the writer has room for, in order;
+        once the cache takes no more, let them all go: how many."""
         if not self._deferred:
-            return
-        left = self._put_disk(list(self._deferred))
-        for _ in range(len(self._deferred) - len(left)):
-            self._deferred_bytes -= len(self._deferred.popleft()[1])
+            return 0
+        if not self._takes_puts():
+            dropped = self._drop_deferred()
+            log.debug("%d chunks not cached: the disk cache takes no more", dropped)
+            return dropped
+        self._put_disk(list(self._deferred.values()))  # what it takes leaves _deferred
+        return 0
+
+    def _drop_deferred(self) -> int:
+        dropped = len(self._deferred)
+        self._deferred.clear()
+        self._deferred_bytes = 0
+        return dropped
 
     def _flush_disk(self):
         if self.disk is not None and self.disk.flush_due() \
@@ -1287,15 +1316,13 @@ class ChunkEngine:
         """Queue the deferred chunks as the writer makes room, until
         ``until`` and not while the cache is stuck; how many are left
         (they are let go)."""
+        dropped = 0
         with trio.move_on_at(until):
-            self._put_deferred()
-            while self._deferred and not self._stuck(self._disk_place):
+            dropped = self._put_deferred()
+            while self._deferred:
                 await trio.sleep(DISK_QUEUE_POLL)
-                self._put_deferred()
-        dropped = len(self._deferred)
-        self._deferred.clear()
-        self._deferred_bytes = 0
-        return dropped
+                dropped += self._put_deferred()
+        return dropped + self._drop_deferred()
 
     async def _writer_done(self, until) -> bool:
         """Wait for the writer's end, until ``until`` at most, and not

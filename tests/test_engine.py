@@ -2050,6 +2050,50 @@ class BlockedDisk(DiskCache):
         super().put(cid, data)
 
 
+async def test_a_chunk_read_again_while_kept_aside_is_kept_and_written_once(
+        tmp_path, monkeypatch):
+    # A bulk read (remember=False) fetches a chunk again each time: a run
+    # of zeros in a blob, batch after batch.
+    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 4000)
+    filler, zero = [chunk(n) for n in range(10)], chunk(99)
+    disk = BlockedDisk(str(tmp_path))
+    written = []
+    disk.put = lambda cid, data: (written.append(cid), BlockedDisk.put(disk, cid, data))
+    eng = engine([Store("remote", filler + [zero])], disk=disk)
+    await eng.get_many([_want(filler[0])], remember=False)
+    with trio.fail_after(5):
+        while not written:     # until the writer hangs in its first put
+            await trio.sleep(0.005)
+    await eng.get_many([_want(c) for c in filler[1:6]], remember=False)  # 4 queued, 1 aside
+    for _ in range(3):
+        await eng.get_many([_want(zero)], remember=False)
+    assert zero[0] in eng._deferred
+    assert eng._deferred_bytes == sum(len(item[1]) for item in eng._deferred.values())
+    disk.go.set()
+    await eng.aclose()
+    assert written.count(zero[0]) == 1
+
+
+async def test_chunks_kept_aside_that_a_stuck_cache_lets_go_are_counted_at_the_close(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 2000)
+    chunks = [chunk(n) for n in range(5)]
+    disk = BlockedDisk(str(tmp_path))                                   # a hung disk
+    eng = engine([Store("remote", chunks)], deadline=0.4, disk=disk)    # stuck after 0.1 s
+    await eng.get_many([_want(c) for c in chunks])
+    await trio.sleep(0.15)
+    # One chunk is being written (hung), the others queued, kept aside,
+    # or (past the room for them) not cached.
+    queued = sum(call[0] == "put" for call in eng._writer._calls)
+    kept = len(eng._deferred)
+    assert kept == 2
+    try:
+        await eng.aclose()
+    finally:
+        disk.go.set()
+    assert f"did not keep up: {queued + kept} chunks not cached" in caplog.text
+
+
 async def test_failing_loads_queue_at_most_twice_the_bound(tmp_path, monkeypatch):
     # As the walk's stream-ahead does (it goes on after a failed run).
     monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 2000)
