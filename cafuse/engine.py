@@ -1299,10 +1299,11 @@ class ChunkEngine:
         if self.disk is None:
             self._writer.stop()
             return
-        # The writer's queue, then its last call, the cache's close, are
-        # waited for (the process may end right after), unless the cache
-        # is stuck: a quarter of the deadline, and as long again for the
-        # close once the chunks still queued are dropped.
+        # The chunks kept aside, the writer's queue, then its last call,
+        # the cache's close, are waited for (the process may end right
+        # after), unless the cache is stuck: a quarter of the deadline, and
+        # as long again for the close once the chunks still queued are
+        # dropped.
         until = trio.current_time() + self._stuck_after
         dropped = await self._drain_deferred(until)
         self._writer.close()
