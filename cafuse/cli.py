@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
                       "Unmount the cafuse mount at MOUNTPOINT (through fusermount3, so "
                       "the user who mounted it may); a mount of any other type is "
                       "refused and left alone.", environment=())
+    umount.add_argument("-l", "--lazy", action="store_true",
+                        help="detach the mount now, even while files or directories "
+                        "under it are in use; they keep working, and the mount "
+                        "process ends once none is (fusermount3 -u -z)")
     umount.add_argument("mountpoint", metavar="MOUNTPOINT",
                         help="where the archive is mounted")
     umount.set_defaults(run=cmd_umount)
@@ -469,7 +473,7 @@ def _log_to(path: str) -> None:
 
 
 def cmd_umount(args) -> None:
-    unmount(args.mountpoint)
+    unmount(args.mountpoint, args.lazy)
 
 
 def _existing_cache(args) -> DiskCache:

@@ -232,15 +232,20 @@ def _message(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def unmount(mountpoint: str) -> None:
-    """Unmount a cafuse mount, and nothing else (root may unmount anything)."""
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    """Unmount a cafuse mount, and nothing else (root may unmount anything);
+    ``lazy``: detach it now, and let it end once nothing under it is in use."""
     found = mount_at(mountpoint)
     if found is None:
         raise UsageError(f"{mountpoint}: not mounted")
     if found[1] != f"fuse.{SUBTYPE}":
         raise UsageError(f"{mountpoint}: not a cafuse mount (a {found[1]} mount)")
-    done = subprocess.run(["fusermount3", "-u", "--", canonical(mountpoint)],
+    done = subprocess.run(["fusermount3", "-u", *(["-z"] if lazy else []), "--",
+                           canonical(mountpoint)],
                           capture_output=True, text=True, timeout=60)
     if done.returncode:
-        raise CafuseError(f"{mountpoint}: cannot unmount: "
-                          f"{done.stderr.strip() or os.strerror(errno.EBUSY)}")
+        reason = done.stderr.strip() or os.strerror(errno.EBUSY)
+        if os.strerror(errno.EBUSY) in reason:
+            reason += (" (a file or directory under it is in use; "
+                       "-l detaches it now, and it ends once none is)")
+        raise CafuseError(f"{mountpoint}: cannot unmount: {reason}")

@@ -335,6 +335,29 @@ def test_a_foreground_mount_logs_to_its_log_file(full, tmp_path):
     assert f"cafuse: INFO: mounted {full.index} on {tmp_path / 'mnt'}" in log.read_text()
 
 
+def test_a_busy_mount_is_detached_only_when_asked(full, tmp_path):
+    mnt = tmp_path / "mnt"
+    proc = start_foreground(full.index, mnt, "--no-cache", "-s", full.store)
+    try:
+        fd = os.open(mnt / "hello.txt", os.O_RDONLY)
+        try:
+            done = subprocess.run([CAFUSE, "umount", str(mnt)], capture_output=True,
+                                  text=True, timeout=60)
+            assert done.returncode == 1 and "in use; -l detaches it" in done.stderr
+            assert is_mounted(mnt)
+            subprocess.run([CAFUSE, "umount", "-l", str(mnt)], check=True, timeout=60)
+            assert not is_mounted(mnt)
+            # What is open keeps working, served by the mount process.
+            assert os.pread(fd, 1000, 0) == (full.tree / "hello.txt").read_bytes()
+            assert proc.poll() is None
+        finally:
+            os.close(fd)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        kill_quietly(proc)
+        teardown_mount(mnt)
+
+
 def test_umount_leaves_other_file_systems_alone(tmp_path):
     other = tmp_path / "tmpfs"
     other.mkdir()
