@@ -1072,6 +1072,7 @@ class ChunkEngine:
                 store = self._far_stores[position].store
                 problems.append(_Corrupt(_problem(outcome, want[0], store)))
                 return False
+            found = _Verified(found, outcome)
         if race.won is None:
             race.won = position, found
             for rival in race.rivals:
@@ -1124,6 +1125,8 @@ class ChunkEngine:
         """Decode and verify a fetched chunk (blocking, in a thread); the
         ChunkError is returned, not raised, so one bad chunk of a batch does
         not lose the others."""
+        if isinstance(found, _Verified):
+            return found.data
         chunk_id, size = want
         try:
             return chunk.decode(*found, chunk_id, size, self.digest)
@@ -1335,6 +1338,16 @@ class ChunkEngine:
                 await trio.sleep(0.01)
             return True
         return False
+
+
+class _Verified(tuple):
+    """A fetched copy, (raw bytes, compressed), that was decoded and
+    verified while it raced: its ``data`` is not decoded again."""
+
+    def __new__(cls, found, data):
+        copy = super().__new__(cls, found)
+        copy.data = data
+        return copy
 
 
 class _Corrupt(str):

@@ -14,6 +14,7 @@ import time
 import pytest
 import trio
 
+from cafuse import chunk as chunk_module
 from cafuse.diskcache import DiskCache, DiskFull
 from cafuse.engine import DISK_FAILURES, FAILURE_MEMORY, ChunkEngine, _DiskWriter
 from cafuse.errors import CafuseError, ChunkError
@@ -319,6 +320,20 @@ async def test_a_raced_request_cancelled_by_the_win_does_not_set_its_store_aside
     with trio.fail_after(2):
         assert await eng.get_many([(x, len(dx)), (y, len(dy))]) == [dx, dy]
     assert eng._far_stores[1].available(), "mirror was set aside, never having failed"
+
+
+async def test_a_copy_verified_while_it_raced_is_not_decoded_again(monkeypatch):
+    (x, dx), = [chunk(1)]
+    hung = Store("hung", [(x, dx)], lambda cid, n: "stall")    # raced at 0.25 s
+    mirror = Store("mirror", [(x, dx)])
+    eng = engine([hung, mirror], deadline=1.0)
+    decoded = []
+    decode = chunk_module.decode
+    monkeypatch.setattr(chunk_module, "decode",
+                        lambda *args: decoded.append(args[2]) or decode(*args))
+    with trio.fail_after(2):
+        assert await eng.get(x, len(dx)) == dx
+    assert decoded == [x]
 
 
 async def test_a_raced_store_that_never_answered_is_named_in_the_error():
