@@ -433,6 +433,7 @@ class ChunkEngine:
         # data, store position), in order; a chunk read again is kept once.
         self._deferred: dict[bytes, tuple] = {}
         self._deferred_bytes = 0
+        self._let_go = 0          # of them, once the cache took no more
         self._seed_places = [_Place(str(seed)) for seed in self.seeds]
         states = [_StoreState(s) for s in stores]
         # Local stores ahead of the first remote one are read in the same
@@ -1178,20 +1179,21 @@ class ChunkEngine:
         if dropped:
             log.debug("%d chunks not cached: the disk cache is behind", dropped)
 
-    def _put_deferred(self) -> int:
+    def _put_deferred(self) -> None:
         """Queue the deferred chunks the writer has room for, in order;
-        once the cache takes no more, let them all go: how many."""
+        once the cache takes no more, let them all go (counted, for the
+        close to say)."""
         if not self._deferred:
-            return 0
+            return
         if not self._takes_puts():
             dropped = self._drop_deferred()
             log.debug("%d chunks not cached: the disk cache takes no more", dropped)
-            return dropped
+            return
         self._put_disk(list(self._deferred.values()))  # what it takes leaves _deferred
-        return 0
 
     def _drop_deferred(self) -> int:
         dropped = len(self._deferred)
+        self._let_go += dropped
         self._deferred.clear()
         self._deferred_bytes = 0
         return dropped
@@ -1308,7 +1310,8 @@ class ChunkEngine:
         # as long again for the close once the chunks still queued are
         # dropped.
         until = trio.current_time() + self._stuck_after
-        dropped = await self._drain_deferred(until)
+        await self._drain_deferred(until)
+        dropped = self._let_go
         self._writer.close()
         if not await self._writer_done(until):
             dropped += self._writer.drop_puts()
@@ -1316,17 +1319,15 @@ class ChunkEngine:
         if dropped:
             log.warning("the disk cache did not keep up: %d chunks not cached", dropped)
 
-    async def _drain_deferred(self, until) -> int:
+    async def _drain_deferred(self, until) -> None:
         """Queue the deferred chunks as the writer makes room, until
-        ``until`` and not while the cache is stuck; how many are left
-        (they are let go)."""
-        dropped = 0
+        ``until`` and not while the cache is stuck; those left are let go."""
         with trio.move_on_at(until):
-            dropped = self._put_deferred()
+            self._put_deferred()
             while self._deferred:
                 await trio.sleep(DISK_QUEUE_POLL)
-                dropped += self._put_deferred()
-        return dropped + self._drop_deferred()
+                self._put_deferred()
+        self._drop_deferred()
 
     async def _writer_done(self, until) -> bool:
         """Wait for the writer's end, until ``until`` at most, and not

@@ -74,9 +74,12 @@ class Mount:
                               f"{e.strerror}") from None
 
     def close(self) -> None:
-        """Unmount (lazily: files still open keep it until they close)."""
-        subprocess.run(["fusermount3", "-u", "-z", "-q", "--", self.mountpoint],
-                       stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        """Unmount (lazily: files still open keep it until they close), if
+        the mount there is still this one: once detached (``cafuse umount
+        -l``), the mount point may hold another mount by now."""
+        if self.device == "?" or device_of(self.mountpoint) == self.device:
+            subprocess.run(["fusermount3", "-u", "-z", "-q", "--", self.mountpoint],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
         abort_connection(self.device)
         os.close(self.fd)
         if self._watchdog is not None:

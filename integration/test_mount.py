@@ -358,6 +358,26 @@ def test_a_busy_mount_is_detached_only_when_asked(full, tmp_path):
         teardown_mount(mnt)
 
 
+def test_a_detached_mounts_end_leaves_the_next_mount_there_alone(full, tmp_path):
+    # Once detached (umount -l), the mount point is free while the mount
+    # process still serves what is open; at its end it unmounted whatever
+    # was mounted there by then.
+    mnt = tmp_path / "mnt"
+    proc = start_foreground(full.index, mnt, "--no-cache", "-s", full.store)
+    try:
+        fd = os.open(mnt / "hello.txt", os.O_RDONLY)
+        try:
+            subprocess.run([CAFUSE, "umount", "-l", str(mnt)], check=True, timeout=60)
+            sh("mount", "-t", "tmpfs", "tmpfs", mnt)
+        finally:
+            os.close(fd)
+        assert proc.wait(timeout=60) == 0
+        assert is_mounted(mnt)
+    finally:
+        kill_quietly(proc)
+        teardown_mount(mnt)
+
+
 def test_umount_leaves_other_file_systems_alone(tmp_path):
     other = tmp_path / "tmpfs"
     other.mkdir()

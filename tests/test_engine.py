@@ -2109,6 +2109,28 @@ async def test_chunks_kept_aside_that_a_stuck_cache_lets_go_are_counted_at_the_c
     assert f"did not keep up: {queued + kept} chunks not cached" in caplog.text
 
 
+async def test_chunks_kept_aside_that_the_upkeep_lets_go_are_counted_at_the_close(
+        tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 2000)
+    chunks = [chunk(n) for n in range(5)]
+    disk = BlockedDisk(str(tmp_path))                                   # a hung disk
+    eng = engine([Store("remote", chunks)], deadline=0.4, disk=disk)    # stuck after 0.1 s
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(eng.maintain)
+            await eng.get_many([_want(c) for c in chunks])
+            kept = len(eng._deferred)
+            assert kept == 2
+            await trio.sleep(0.3)           # the upkeep lets them go once the cache is stuck
+            assert not eng._deferred
+            queued = sum(call[0] == "put" for call in eng._writer._calls)
+            nursery.cancel_scope.cancel()
+        await eng.aclose()
+    finally:
+        disk.go.set()
+    assert f"did not keep up: {queued + kept} chunks not cached" in caplog.text
+
+
 async def test_failing_loads_queue_at_most_twice_the_bound(tmp_path, monkeypatch):
     # As the walk's stream-ahead does (it goes on after a failed run).
     monkeypatch.setattr("cafuse.engine.DISK_QUEUE_BYTES", 2000)
