@@ -295,8 +295,9 @@ class _DiskWriter:
     and returns, and the thread makes the calls in order.  The queue holds
     DISK_QUEUE_BYTES of chunks at most (or one larger chunk), twice that
     for puts that ``force`` their way: ``put`` says whether there was room
-    (a chunk queued or being written already is taken at once).  Flushes and the close are always taken, a flush only when none is
-    queued.  ``call(method, *args)`` makes one call (blocking); after a
+    (a chunk queued or being written already is taken at once).  Flushes
+    and the close are always taken, a flush only when none is queued.
+    ``call(method, *args)`` makes one call (blocking); after a
     call that raises anything but a disk error (a bug), the cache is
     ``broken``: what was written is committed, and it takes no more puts
     or new flushes (but is still read, and closed at the end)."""

@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from bench_cat import REPO, cafuse_cmd, machine  # noqa: E402
+from bench_cat import cafuse_cmd, machine, write_docs  # noqa: E402
 from servers import Nginx  # noqa: E402
 
 TIMEOUT = 1800
@@ -283,7 +283,7 @@ def report(r: dict, www: Path) -> str:
     c, k = r["tar"]["cafuse"], r["tar"]["casync"]
     py_c, py_k = r["python"]["cafuse"], r["python"]["casync"]
     lines = [
-        f"## mount against casync mount — {datetime.now(timezone.utc):%Y-%m-%d}", "",
+        f"## mount against casync mount — {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", "",
         f"Machine: {machine()}. Debian bookworm minbase root file system with "
         f"python3-minimal ({c['tar_bytes'] / 1e6:.0f} MB as tar, "
         f"{index_chunks(www / 'root.caidx')} chunks), served by nginx on 127.0.0.1; "
@@ -346,8 +346,7 @@ def main():
     text = report(results, www)
     print(text)
     if args.write:
-        with open(REPO / "docs" / "benchmarks.md", "a") as f:
-            f.write(text + "\n")
+        write_docs(text)
 
 
 if __name__ == "__main__":
