@@ -8,6 +8,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -335,27 +336,38 @@ def test_a_foreground_mount_logs_to_its_log_file(full, tmp_path):
     assert f"cafuse: INFO: mounted {full.index} on {tmp_path / 'mnt'}" in log.read_text()
 
 
-def test_a_busy_mount_is_detached_only_when_asked(full, tmp_path):
-    mnt = tmp_path / "mnt"
+@contextmanager
+def a_file_open_in_a_mount(full, mnt):
+    """A foreground mount of ``full`` at ``mnt``, hello.txt open in it:
+    yields the mount process and the descriptor.  Once it is closed, the
+    process must end well (detached, it serves until nothing is open);
+    what is mounted at ``mnt`` then is the caller's."""
     proc = start_foreground(full.index, mnt, "--no-cache", "-s", full.store)
     try:
         fd = os.open(mnt / "hello.txt", os.O_RDONLY)
         try:
-            done = subprocess.run([CAFUSE, "umount", str(mnt)], capture_output=True,
-                                  text=True, timeout=60)
-            assert done.returncode == 1 and "in use; -l detaches it" in done.stderr
-            assert is_mounted(mnt)
-            subprocess.run([CAFUSE, "umount", "-l", str(mnt)], check=True, timeout=60)
-            assert not is_mounted(mnt)
-            # What is open keeps working, served by the mount process.
-            assert os.pread(fd, 1000, 0) == (full.tree / "hello.txt").read_bytes()
-            assert proc.poll() is None
+            yield proc, fd
         finally:
             os.close(fd)
         assert proc.wait(timeout=60) == 0
-    finally:
+    except BaseException:
         kill_quietly(proc)
         teardown_mount(mnt)
+        raise
+
+
+def test_a_busy_mount_is_detached_only_when_asked(full, tmp_path):
+    mnt = tmp_path / "mnt"
+    with a_file_open_in_a_mount(full, mnt) as (proc, fd):
+        done = subprocess.run([CAFUSE, "umount", str(mnt)], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 1 and "in use; -l detaches it" in done.stderr
+        assert is_mounted(mnt)
+        subprocess.run([CAFUSE, "umount", "-l", str(mnt)], check=True, timeout=60)
+        assert not is_mounted(mnt)
+        # What is open keeps working, served by the mount process.
+        assert os.pread(fd, 1000, 0) == (full.tree / "hello.txt").read_bytes()
+        assert proc.poll() is None
 
 
 def test_a_detached_mounts_end_leaves_the_next_mount_there_alone(full, tmp_path):
@@ -363,18 +375,12 @@ def test_a_detached_mounts_end_leaves_the_next_mount_there_alone(full, tmp_path)
     # process still serves what is open; at its end it unmounted whatever
     # was mounted there by then.
     mnt = tmp_path / "mnt"
-    proc = start_foreground(full.index, mnt, "--no-cache", "-s", full.store)
     try:
-        fd = os.open(mnt / "hello.txt", os.O_RDONLY)
-        try:
+        with a_file_open_in_a_mount(full, mnt):
             subprocess.run([CAFUSE, "umount", "-l", str(mnt)], check=True, timeout=60)
             sh("mount", "-t", "tmpfs", "tmpfs", mnt)
-        finally:
-            os.close(fd)
-        assert proc.wait(timeout=60) == 0
         assert is_mounted(mnt)
     finally:
-        kill_quietly(proc)
         teardown_mount(mnt)
 
 
