@@ -578,7 +578,7 @@ class ChunkEngine:
             k = next(k for k, outcome in zip(firsts, nearby) if outcome is None)
             raise ChunkTimeout(f"chunk {wanted[k][0].hex()}: {gave_up}")
         if far:
-            await self._load_far(wanted, far, results, priority, on_arrival, until)
+            await _FarLoad(self, wanted, results, priority, on_arrival).run(far, until)
         for ks in mine.values():
             for k in ks[1:]:
                 results[k] = results[ks[0]]
@@ -751,98 +751,6 @@ class ChunkEngine:
                     place.warned = False
             if back:
                 log.warning("%s answered again", place.name)
-
-    async def _load_far(self, wanted, far, results, priority, on_arrival, until):
-        """Fetch from the remaining stores concurrently, and decode what has
-        arrived in one worker-thread hop per group (a hop per chunk costs
-        the event loop, which is what bounds remote fetching).  A chunk that
-        does not decode to its id is fetched again from the next store.
-        All of it ends at ``until``, the load's deadline.  A chunk that
-        cannot be had fails the load once the chunks that arrived before
-        it are decoded and cached."""
-        # A fetch tells its chunk or its error; a chunk fetched again after
-        # a corrupt copy (``again``) tells its error, or that it is done.
-        arrived_in, arrived = trio.open_memory_channel(2 * len(far))
-        # Nobody waits for this load (readahead, prefetch): a disk slower
-        # than the stores may slow it down, but not the readers who join it.
-        patient = not any(priority[wanted[k][0]].urgent for k, _problems in far)
-        waiting = []        # its chunks that wait for room, in groups
-        passed = {k: {} for k, _problems in far}   # stores to ask last, per chunk
-        hedger = _Hedger(self._hedge_after, self._hedge) if self._raced else None
-
-        def keep(delivered):
-            left = self._put_disk(delivered)
-            if left and patient:
-                waiting.append(left)
-                nursery.start_soon(self._put_disk_patiently, left)
-            elif left:
-                self._defer_puts(left)
-
-        async def fetch(k, problems):
-            try:
-                position, found = await self._fetch_with_deadline(
-                    wanted[k], problems, 0, priority[wanted[k][0]], passed[k], load)
-            except CafuseError as e:
-                arrived_in.send_nowait((k, problems, None, e))
-            else:
-                arrived_in.send_nowait((k, problems, position, found))
-
-        async def again(k, problems, position, error):
-            try:
-                results[k], position = await self._far_again(
-                    wanted[k], problems, position, error, priority[wanted[k][0]], passed[k],
-                    load)
-            except CafuseError as e:
-                arrived_in.send_nowait((k, problems, None, e))
-                return
-            on_arrival(wanted[k][0], results[k])
-            keep([(wanted[k][0], results[k], position)])
-            arrived_in.send_nowait((k, problems, None, None))
-
-        async def decode_arrivals(nursery):
-            left = len(far)
-            while left:
-                group = [await (hedger.receive(arrived) if hedger else arrived.receive())]
-                while True:
-                    try:
-                        group.append(arrived.receive_nowait())
-                    except trio.WouldBlock:
-                        break
-                left -= len(group)
-                failures = [found for _k, _problems, position, found in group
-                            if position is None and found is not None]
-                group = [item for item in group if item[2] is not None]
-                outcomes = await trio.to_thread.run_sync(
-                    lambda: [self._decode(wanted[k], position, found)
-                             for k, _problems, position, found in group],
-                    limiter=self._limiter) if group else []
-                delivered = []
-                for (k, problems, position, found), outcome in zip(group, outcomes):
-                    if isinstance(outcome, ChunkError):  # not to hold up the others
-                        nursery.start_soon(again, k, problems, position, outcome)
-                        left += 1
-                        continue
-                    store = str(self._far_stores[position].store)
-                    _warn_corrupt(problems, wanted[k][0], store)
-                    self._account(store, len(found[0]))
-                    results[k] = outcome
-                    on_arrival(wanted[k][0], outcome)
-                    delivered.append((wanted[k][0], outcome, position))
-                keep(delivered)
-                if failures:
-                    # What arrived before is cached all the same, past the
-                    # queue's bound (up to twice it).
-                    dropped = sum(len(self._put_disk(chunks, force=True)) for chunks in waiting)
-                    if dropped:
-                        log.debug("%d chunks not cached: the disk cache is behind", dropped)
-                    raise failures[0]
-
-        with single_errors():
-            async with trio.open_nursery() as nursery:
-                load = _Load(nursery, hedger, until)
-                nursery.start_soon(decode_arrivals, nursery)
-                for k, problems in far:
-                    nursery.start_soon(fetch, k, problems)
 
     async def _far_again(self, want, problems, position, error, priority, passed, load):
         """After ``error`` from the store at ``position``: the next stores,
@@ -1340,6 +1248,126 @@ class ChunkEngine:
                 await trio.sleep(0.01)
             return True
         return False
+
+
+class _FarLoad:
+    """The chunks of a load that only the remote (far) stores can give,
+    fetched concurrently; what has arrived is decoded in one worker-thread
+    hop per group (a hop per chunk costs the event loop, which is what
+    bounds remote fetching).  A chunk that does not decode to its id is
+    fetched again from the next store.  All of it ends at the load's
+    deadline.  A chunk that cannot be had fails the load once the chunks
+    that arrived before it are decoded and cached."""
+
+    def __init__(self, engine: "ChunkEngine", wanted, results, priority, on_arrival):
+        self.engine = engine
+        self.wanted, self.results = wanted, results
+        self.priority, self.on_arrival = priority, on_arrival
+        self.hedger = _Hedger(engine._hedge_after, engine._hedge) if engine._raced else None
+        self.waiting = []     # its chunks that wait for room in the disk queue, in groups
+
+    def _priority(self, k) -> Priority:
+        return self.priority[self.wanted[k][0]]
+
+    async def run(self, far, until):
+        """Fetch ``far`` (pairs of a position in ``wanted`` and the list of
+        problems met so far) into ``results``, by ``until``."""
+        # A fetch tells its chunk or its error; a chunk fetched again after
+        # a corrupt copy (``_again``) tells its error, or that it is done.
+        self._arrived_in, self._arrived = trio.open_memory_channel(2 * len(far))
+        # Nobody waits for this load (readahead, prefetch): a disk slower
+        # than the stores may slow it down, but not the readers who join it.
+        self.patient = not any(self._priority(k).urgent for k, _problems in far)
+        self.passed = {k: {} for k, _problems in far}   # stores to ask last, per chunk
+        with single_errors():
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.load = _Load(nursery, self.hedger, until)
+                nursery.start_soon(self._decode_arrivals, len(far))
+                for k, problems in far:
+                    nursery.start_soon(self._fetch, k, problems)
+
+    async def _fetch(self, k, problems):
+        try:
+            position, found = await self.engine._fetch_with_deadline(
+                self.wanted[k], problems, 0, self._priority(k), self.passed[k], self.load)
+        except CafuseError as e:
+            self._arrived_in.send_nowait((k, problems, None, e))
+        else:
+            self._arrived_in.send_nowait((k, problems, position, found))
+
+    async def _again(self, k, problems, position, error):
+        want = self.wanted[k]
+        try:
+            self.results[k], position = await self.engine._far_again(
+                want, problems, position, error, self._priority(k), self.passed[k], self.load)
+        except CafuseError as e:
+            self._arrived_in.send_nowait((k, problems, None, e))
+            return
+        self.on_arrival(want[0], self.results[k])
+        self._keep([(want[0], self.results[k], position)])
+        self._arrived_in.send_nowait((k, problems, None, None))
+
+    async def _decode_arrivals(self, left):
+        while left:
+            group = await self._next_group()
+            left -= len(group)
+            left += await self._deliver([item for item in group if item[2] is not None])
+            failures = [found for _k, _problems, position, found in group
+                        if position is None and found is not None]
+            if failures:
+                # What arrived before is cached all the same, past the
+                # queue's bound (up to twice it).
+                dropped = sum(len(self.engine._put_disk(chunks, force=True))
+                              for chunks in self.waiting)
+                if dropped:
+                    log.debug("%d chunks not cached: the disk cache is behind", dropped)
+                raise failures[0]
+
+    async def _next_group(self):
+        """What has arrived: at least one, all that there is."""
+        group = [await (self.hedger.receive(self._arrived) if self.hedger
+                        else self._arrived.receive())]
+        while True:
+            try:
+                group.append(self._arrived.receive_nowait())
+            except trio.WouldBlock:
+                return group
+
+    async def _deliver(self, group) -> int:
+        """Decode the chunks of ``group`` in one hop; hand on and cache
+        those that decode to their ids, and fetch the others again (not to
+        hold up the rest).  How many are fetched again."""
+        engine = self.engine
+        outcomes = await trio.to_thread.run_sync(
+            lambda: [engine._decode(self.wanted[k], position, found)
+                     for k, _problems, position, found in group],
+            limiter=engine._limiter) if group else []
+        delivered, again = [], 0
+        for (k, problems, position, found), outcome in zip(group, outcomes):
+            if isinstance(outcome, ChunkError):
+                self._nursery.start_soon(self._again, k, problems, position, outcome)
+                again += 1
+                continue
+            store = str(engine._far_stores[position].store)
+            _warn_corrupt(problems, self.wanted[k][0], store)
+            engine._account(store, len(found[0]))
+            self.results[k] = outcome
+            self.on_arrival(self.wanted[k][0], outcome)
+            delivered.append((self.wanted[k][0], outcome, position))
+        self._keep(delivered)
+        return again
+
+    def _keep(self, delivered):
+        """Queue ``delivered`` for the disk cache; what the full queue did
+        not take waits for room if nobody waits for this load, else is
+        kept aside for ``maintain``."""
+        left = self.engine._put_disk(delivered)
+        if left and self.patient:
+            self.waiting.append(left)
+            self._nursery.start_soon(self.engine._put_disk_patiently, left)
+        elif left:
+            self.engine._defer_puts(left)
 
 
 class _Verified(tuple):
