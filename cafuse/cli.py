@@ -36,12 +36,17 @@ ENVIRONMENT = {
     "CASYNC_STORE": "  CASYNC_STORE         default chunk store when no -s is given\n",
     "CAFUSE_HTTP_HEADERS": "  CAFUSE_HTTP_HEADERS  extra HTTP request headers, one \"Name: value\" "
                            "per line\n                       (e.g. Authorization); never logged\n",
-    "XDG_CACHE_HOME": "  XDG_CACHE_HOME       the default cache is $XDG_CACHE_HOME/cafuse\n"
-                      "                       (/var/cache/cafuse for root)\n",
+    "XDG_CACHE_HOME": "  XDG_CACHE_HOME       the default cache is $XDG_CACHE_HOME/cafuse, else\n"
+                      "                       ~/.cache/cafuse (/var/cache/cafuse for root)\n",
+    "CASYNC_COMPRESSED_CHUNK_SUFFIX": "  CASYNC_COMPRESSED_CHUNK_SUFFIX\n"
+                                      "                       the suffix of chunk files in a "
+                                      "store (default: .cacnk,\n"
+                                      "                       as for casync)\n",
 }
 EPILOG = "environment:\n" + "".join(ENVIRONMENT.values())
 _SOURCES = tuple(ENVIRONMENT)   # what commands that read archives heed
 
+INDEX_HELP = ".caidx or .caibx (path or http(s) URL)"
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -123,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre = _command(commands, "prefetch", "fill the cache with a whole index",
                    "Fetch every chunk of INDEX that the disk cache lacks, with a "
                    "progress line, and end with where the chunks came from.")
-    _add_sources(pre)
+    _add_sources(pre, index_help=INDEX_HELP)
     pre.set_defaults(run=cmd_prefetch)
 
     mount = _command(commands, "mount", "mount an index with FUSE",
@@ -136,16 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="OPTIONS", help="FUSE mount options for fusermount3, "
                        "comma-separated (e.g. allow_other, which for users needs "
                        "user_allow_other in /etc/fuse.conf); ro and "
-                       "default_permissions are always set, rw is refused, and "
-                       "auto_unmount is implied (a watchdog unmounts the mount if "
-                       "its process dies)")
+                       "default_permissions are always set, rw and subtype= are "
+                       "refused (the type is fuse.cafuse), and auto_unmount is "
+                       "implied (a watchdog unmounts the mount if its process dies)")
     mount.add_argument("--background", action="store_true",
                        help="return once the mount is usable (exit 0), or with the "
                        "error (exit 1) leaving nothing mounted")
     mount.add_argument("--log-file", metavar="FILE",
                        help="where the mount logs (default: stderr in the "
                        "foreground, nowhere in the background)")
-    _add_sources(mount, index_help=".caidx or .caibx (path or http(s) URL)")
+    _add_sources(mount, index_help=INDEX_HELP)
     mount.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing directory")
     mount.set_defaults(run=cmd_mount)
 
@@ -221,7 +226,7 @@ def _add_http(parser):
                        help="do not verify TLS certificates")
 
 
-def _add_sources(parser, index_help=".caidx or .caibx (path or http(s) URL), or a .catar file"):
+def _add_sources(parser, index_help=INDEX_HELP + ", or a .catar file"):
     parser.add_argument("-s", "--store", action="append", default=[], metavar="STORE",
                         help="chunk store: directory or http(s) URL; repeat to try "
                         "several in order (default: $CASYNC_STORE, else default.castr "
@@ -233,9 +238,9 @@ def _add_sources(parser, index_help=".caidx or .caibx (path or http(s) URL), or 
     parser.add_argument("--no-cache", action="store_true", help="use no disk cache")
     parser.add_argument("--deadline", type=SECONDS, default=60.0, metavar="SECONDS",
                         help="give up on a chunk after this long, all stores and "
-                        "retries included; a store that has not answered a request "
-                        "a quarter of it after it got a connection is raced "
-                        "by the next stores (default: 60)")
+                        "retries included; a remote store that other stores follow "
+                        "and that has not answered a request a quarter of it after "
+                        "it got a connection is raced by the next stores (default: 60)")
     _add_http(parser)
     parser.add_argument("index", metavar="INDEX", help=index_help)
 

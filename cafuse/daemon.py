@@ -24,7 +24,7 @@ from .errors import CafuseError, FormatError, UsageError, first_error
 from .inputs import Input, Options, open_input
 from .mount import INIT_FLAGS, BlobFS, TreeFS
 from .mountinfo import canonical, device_of, mount_at
-from .signals import stop_like_sigint
+from .signals import heeded, stop_like_sigint
 from .store import is_url
 
 log = logging.getLogger("cafuse")
@@ -142,7 +142,10 @@ class _Background:
 
 
 async def _stop_on_signal(background: _Background, scope: trio.CancelScope):
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+    signums = heeded(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    if not signums:  # all ignored: only an unmount ends the mount
+        await trio.sleep_forever()
+    with trio.open_signal_receiver(*signums) as signals:
         async for signum in signals:
             log.info("%s: unmounting", signal.Signals(signum).name)
             await background.stop()

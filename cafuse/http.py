@@ -2,7 +2,7 @@
 
 Why not httpx: on trio, httpx's per-request overhead caps a client at about
 1.2k requests/s on this kind of machine, about 80 MB/s with 64 KiB chunks;
-h11 driven directly manages 4-6k (docs/perf-anchors in the design notes).
+h11 driven directly manages 4-6k (perf-anchors.md of the design notes).
 This module keeps only what chunk fetching needs: GET, keep-alive
 connections per origin, TLS, extra headers, a bounded body size.
 """

@@ -12,15 +12,21 @@ import signal
 _received: list[int] = []
 
 
+def heeded(*signums: int) -> list[int]:
+    """Those of ``signums`` that this process does not ignore: one that it
+    was started ignoring (SIGHUP under nohup, SIGINT in a background job
+    of a script) stays ignored."""
+    return [signum for signum in signums if signal.getsignal(signum) is not signal.SIG_IGN]
+
+
 def stop_like_sigint(*signums: int) -> None:
-    """Make ``signums`` raise KeyboardInterrupt as SIGINT does.  A signal
-    that is ignored (as under nohup) stays ignored."""
+    """Make those of ``signums`` that are ``heeded`` raise
+    KeyboardInterrupt as SIGINT does."""
     def interrupt(signum, _frame):
         _received.append(signum)
         signal.raise_signal(signal.SIGINT)
-    for signum in signums:
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, interrupt)
+    for signum in heeded(*signums):
+        signal.signal(signum, interrupt)
 
 
 def stopping_signal() -> int:

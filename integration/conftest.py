@@ -2,6 +2,7 @@
 always taken down, even when a test fails."""
 
 import os
+import signal
 import subprocess
 import time
 from contextlib import contextmanager
@@ -28,12 +29,17 @@ def teardown_mount(path):
         subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
 
-def start_foreground(index, mountpoint, *args) -> subprocess.Popen:
-    """``cafuse mount`` in the foreground, once its mount is up; the caller
-    stops it (and calls teardown_mount)."""
+def start_foreground(index, mountpoint, *args, ignoring=()) -> subprocess.Popen:
+    """``cafuse mount`` in the foreground, once its mount is up, started
+    with the signals ``ignoring`` ignored (as nohup does); the caller stops
+    it (and calls teardown_mount)."""
     mountpoint.mkdir(parents=True, exist_ok=True)
+
+    def ignore():
+        for signum in ignoring:
+            signal.signal(signum, signal.SIG_IGN)
     proc = subprocess.Popen([CAFUSE, "mount", *map(str, args), str(index), str(mountpoint)],
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=ignore)
     deadline = time.monotonic() + 30
     while not is_mounted(mountpoint):
         if time.monotonic() > deadline or proc.poll() is not None:

@@ -415,10 +415,11 @@ def test_a_mountpoint_with_a_space_a_non_ascii_name_and_a_symlink(full, tmp_path
         assert not is_mounted(odd)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                    signal.SIGKILL])
 def test_signal_unmounts_cleanly(full, tmp_path, signum):
-    """SIGTERM and SIGINT unmount and exit 0; after SIGKILL, the mount's
-    watchdog takes it down: nothing dead is left behind."""
+    """SIGTERM, SIGINT and SIGHUP unmount and exit 0; after SIGKILL, the
+    mount's watchdog takes it down: nothing dead is left behind."""
     mnt = tmp_path / "mnt"
     proc = start_foreground(full.index, mnt, "--no-cache", "-s", full.store)
     try:
@@ -429,6 +430,25 @@ def test_signal_unmounts_cleanly(full, tmp_path, signum):
         deadline = time.monotonic() + 10
         while is_mounted(mnt) and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert not is_mounted(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        teardown_mount(mnt)
+
+
+def test_a_signal_the_mount_was_started_ignoring_stays_ignored(full, tmp_path):
+    """As under nohup: a hangup leaves the mount serving; SIGTERM ends it."""
+    mnt = tmp_path / "mnt"
+    proc = start_foreground(full.index, mnt, "--no-cache", "-s", full.store,
+                            ignoring=(signal.SIGHUP,))
+    try:
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert proc.poll() is None and is_mounted(mnt)
+        assert sorted(os.listdir(mnt)) == sorted(os.listdir(full.tree))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
         assert not is_mounted(mnt)
     finally:
         if proc.poll() is None:
