@@ -4,13 +4,14 @@ Why not httpx: on trio, httpx's per-request overhead caps a client at about
 1.2k requests/s on this kind of machine, about 80 MB/s with 64 KiB chunks;
 h11 driven directly manages 4-6k (perf-anchors.md of the design notes).
 This module keeps only what chunk fetching needs: GET, keep-alive
-connections per origin, TLS, extra headers, a bounded body size.
+connections per origin, TLS, extra headers, redirects, a bounded body size.
 """
 
 import math
+import select
 import ssl
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import h11
 import trio
@@ -19,6 +20,12 @@ from .errors import CafuseError
 from .slots import Priority, Slots
 
 _READ_SIZE = 256 * 1024
+# Followed as casync's HTTP helper does (curl's FOLLOWLOCATION): a store
+# moved to https, behind a CDN, or answering with signed URLs.  We only GET,
+# so 303 changes nothing (RFC 9110 §15.4).
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+MAX_ORIGINS = 8   # other origins a client keeps connections to, for redirects
 
 
 class HTTPError(CafuseError):
@@ -69,30 +76,64 @@ class TLSOptions:
         return ctx
 
 
+class _Progress:
+    """How far a request got, for the message if it times out, and the URL
+    it is at (redirects move it)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.length: int | None = None   # the body's, once the head is in
+        self.got = -1                    # body bytes in; -1 before the head
+
+    def timed_out(self, timeout: float) -> str:
+        if self.got < 0:
+            return f"no answer within {timeout:g} s"
+        of = "" if self.length is None else f" of {self.length}"
+        return f"answer incomplete after {timeout:g} s ({self.got}{of} bytes)"
+
+
+class _TooLarge(Exception):
+    """A body (announced or received) larger than the client takes."""
+
+
+def _cut(response: h11.Response, why: str) -> Response:
+    """The answer whose body is too large to take: refused if it is the
+    object asked for; an error's body is not needed (its connection is not
+    reused, as the rest of the body is still to come)."""
+    if 200 <= response.status_code < 300:
+        raise _TooLarge(why)
+    return Response(response.status_code, response.headers, b"")
+
+
 class _Connection:
     def __init__(self, stream: trio.abc.Stream):
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT)
         self.reused = False
 
-    async def get(self, host: str, target: str, headers, max_body: int) -> Response:
+    async def get(self, host: str, target: str, headers, max_body: int,
+                  progress: _Progress) -> Response:
         request = h11.Request(method="GET", target=target,
                               headers=[("Host", host), *headers])
         # One write for the head and the (empty) end of the message.
         await self.stream.send_all(self.h11.send(request) + self.h11.send(h11.EndOfMessage()))
         response = await self._next_event()
-        if not isinstance(response, h11.Response):
-            raise HTTPError(f"unexpected reply {type(response).__name__}", True)
-        body = bytearray()
+        while isinstance(response, h11.InformationalResponse):  # 1xx: the answer follows
+            response = await self._next_event()
+        progress.length, progress.got = _content_length(response), 0
+        if progress.length is not None and progress.length > max_body:
+            return _cut(response, f"announces {progress.length} bytes")
+        parts = []
         while True:
             event = await self._next_event()
             if isinstance(event, h11.Data):
-                body += event.data
-                if len(body) > max_body:
-                    raise HTTPError(f"response body larger than {max_body} bytes", False)
+                progress.got += len(event.data)
+                if progress.got > max_body:
+                    return _cut(response, f"sent more than {max_body} bytes")
+                parts.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 break
-        return Response(response.status_code, response.headers, bytes(body))
+        return Response(response.status_code, response.headers, b"".join(parts))
 
     def reusable(self) -> bool:
         # Bytes after the response are no next response: never reuse then.
@@ -102,6 +143,15 @@ class _Connection:
             self.reused = True
             return True
         return False
+
+    def quiet(self) -> bool:
+        """Nothing came while it was idle: no stray bytes a server sent after
+        its response (which the next request would read as its answer), no
+        close.  (A TLS stream's own buffer is not looked into.)"""
+        stream = getattr(self.stream, "transport_stream", self.stream)
+        poller = select.poll()
+        poller.register(stream.socket.fileno(), select.POLLIN)
+        return not poller.poll(0)
 
     async def _next_event(self):
         while True:
@@ -129,8 +179,10 @@ class Client:
 
     ``max_connections`` bounds the connections, and so the requests in
     flight.  A request on a reused connection that the server had already
-    closed is retried once on a fresh one; any other failure raises
-    HTTPError.
+    closed (or broke) is retried once on a fresh one; any other failure
+    raises HTTPError, and so does a body larger than ``max_body``.
+    Redirects are followed, to other origins too, which get no extra
+    ``headers`` (they may hold credentials for this one).
     """
 
     def __init__(self, base_url: str, max_connections: int = 8,
@@ -150,8 +202,10 @@ class Client:
         self.base_path = parts.path.rstrip("/")
         self.headers = [("User-Agent", "cafuse"), *(headers or {}).items()]
         self.max_body = max_body
-        self._tls = (tls or TLSOptions()).context() if self.scheme == "https" else None
+        self._tls_options = tls or TLSOptions()
+        self._tls = self._tls_options.context() if self.scheme == "https" else None
         self._idle: list[_Connection] = []
+        self._elsewhere: dict[str, Client] = {}   # origin -> client, for redirects
         # Places among the requests in flight, urgent requests first; a
         # caller that tries a request again keeps its place (get_in_slot).
         self.slots = Slots(max_connections)
@@ -170,25 +224,64 @@ class Client:
             return await self.get_in_slot(path, timeout)
 
     async def get_in_slot(self, path: str, timeout: float = math.inf) -> Response:
-        """``get`` for a caller that holds a place in ``slots``."""
+        """``get`` for a caller that holds a place in ``slots``; redirects
+        are followed within the same ``timeout``."""
         began = trio.current_time()
+        progress = _Progress(self.url(path))
         with trio.move_on_after(timeout):
-            return await self._get(path, f"{self.base_path}/{path}")
-        raise HTTPError(f"{self.url(path)}: no answer within {timeout:g} s", True, began)
+            response = await self._get(f"{self.base_path}/{path}", progress)
+            hops = 0
+            while (location := _location(response)) is not None:
+                hops += 1
+                if hops > MAX_REDIRECTS:
+                    raise HTTPError(f"{progress.url}: more than {MAX_REDIRECTS} redirects",
+                                    False)
+                progress.url = urljoin(progress.url, location)
+                response = await self._redirected(progress)
+            return response
+        raise HTTPError(f"{progress.url}: {progress.timed_out(timeout)}", True, began)
 
-    async def _get(self, path: str, target: str) -> Response:
+    async def _redirected(self, progress: _Progress) -> Response:
+        """GET ``progress.url``, on this origin or another."""
+        parts = urlsplit(progress.url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        origin = f"{parts.scheme}://{parts.netloc}"
+        if origin == f"{self.scheme}://{self.host_header}":
+            return await self._get(target, progress)
+        client = self._elsewhere.get(origin)
+        if client is None:
+            try:
+                client = Client(origin, tls=self._tls_options, max_body=self.max_body)
+            except CafuseError:
+                raise HTTPError(f"redirected to {progress.url}: not an http(s) URL",
+                                False) from None
+            if len(self._elsewhere) >= MAX_ORIGINS:  # used once
+                try:
+                    return await client._get(target, progress)
+                finally:
+                    await client.aclose()
+            self._elsewhere[origin] = client
+        return await client._get(target, progress)
+
+    async def _get(self, target: str, progress: _Progress) -> Response:
         for attempt in range(2):
             # After a stale idle connection, the others are likely stale too.
-            conn = self._idle.pop() if self._idle and not attempt else await self._connect()
+            conn = await self._idle_connection() if not attempt else None
+            conn = conn or await self._connect()
             try:
                 response = await conn.get(self.host_header, target,
-                                          self.headers, self.max_body)
+                                          self.headers, self.max_body, progress)
             except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError,
                     OSError, h11.ProtocolError) as e:
                 await _close_quietly(conn)
-                if conn.reused and isinstance(e, (_Closed, trio.BrokenResourceError)):
+                if conn.reused and isinstance(e, (_Closed, trio.BrokenResourceError,
+                                                  h11.ProtocolError)):
                     continue  # a stale keep-alive connection: try a fresh one
-                raise HTTPError(f"{self.url(path)}: {_describe(e)}", True) from None
+                raise HTTPError(f"{progress.url}: {_describe(e)}", True) from None
+            except _TooLarge as e:
+                await _close_quietly(conn)
+                raise HTTPError(f"{progress.url}: the answer {e}; at most "
+                                f"{self.max_body} are taken", False) from None
             except BaseException:
                 await _close_quietly(conn)
                 raise
@@ -197,7 +290,17 @@ class Client:
             else:
                 await _close_quietly(conn)
             return response
-        raise HTTPError(f"{self.url(path)}: connection closed by the server", True)
+        raise HTTPError(f"{progress.url}: connection closed by the server", True)
+
+    async def _idle_connection(self) -> _Connection | None:
+        """A pooled connection that nothing came on while idle; the others
+        are closed."""
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.quiet():
+                return conn
+            await _close_quietly(conn)
+        return None
 
     async def _connect(self) -> _Connection:
         try:
@@ -222,6 +325,26 @@ class Client:
         idle, self._idle = self._idle, []
         for conn in idle:
             await _close_quietly(conn)
+        elsewhere, self._elsewhere = self._elsewhere, {}
+        for client in elsewhere.values():
+            await client.aclose()
+
+
+def _content_length(response: h11.Response) -> int | None:
+    for name, value in response.headers:
+        if name == b"content-length":  # h11 has checked it is a number
+            return int(value)
+    return None
+
+
+def _location(response: Response) -> str | None:
+    """Where a redirect points, if ``response`` is one."""
+    if response.status not in REDIRECTS:
+        return None
+    for name, value in response.headers:
+        if name == b"location":
+            return value.decode("latin-1")
+    return None
 
 
 async def _close_quietly(conn):
@@ -245,6 +368,8 @@ def _describe(error: BaseException) -> str:
         return f"TLS certificate verify failed: {error.verify_message}"
     if isinstance(error, _Closed):
         return "connection closed before the response was complete"
+    if isinstance(error, h11.ProtocolError):
+        return f"malformed answer: {error}"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return str(error) or type(error).__name__

@@ -168,7 +168,7 @@ def parse_seed(spec: str) -> Seed:
 
 
 def make_engine(index_spec: str, index: Index, options: Options) -> ChunkEngine:
-    stores = [open_store(s, options.http)
+    stores = [open_store(s, options.http, index.chunk_size_max)
               for s in options.stores or [default_store(index_spec)]]
     disk = None
     if not options.no_cache:

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import trio
 
+from .chunk import compressed_bound
 from .errors import CafuseError
 from .http import Client, HTTPError, TLSOptions
+from .index import CHUNK_SIZE_LIMIT
 from .slots import Priority
 
 SUFFIX = os.environ.get("CASYNC_COMPRESSED_CHUNK_SUFFIX", ".cacnk")
@@ -68,13 +70,17 @@ class HTTPOptions:
 
 
 class HTTPStore:
+    """A store on an HTTP(S) server.  An answer larger than a chunk of
+    ``largest_chunk`` bytes can be once compressed is refused as soon as
+    it is seen to be (a server streaming without end must not fill the
+    memory)."""
     blocking = False
 
-    def __init__(self, url: str, options: HTTPOptions):
+    def __init__(self, url: str, options: HTTPOptions, largest_chunk: int = CHUNK_SIZE_LIMIT):
         self.url = url.split("?")[0].split(";")[0].rstrip("/")
         self.options = options
         self.client = Client(self.url, options.connections, dict(options.headers),
-                             options.tls, max_body=256 << 20)
+                             options.tls, max_body=compressed_bound(largest_chunk))
 
     def __str__(self) -> str:
         return self.url
@@ -131,11 +137,11 @@ def is_url(spec: str) -> bool:
     return spec.startswith(("http://", "https://"))
 
 
-def open_store(spec: str, options: HTTPOptions):
+def open_store(spec: str, options: HTTPOptions, largest_chunk: int = CHUNK_SIZE_LIMIT):
     if not spec:
         raise CafuseError("-s '': a store is a directory or an http(s) URL, not nothing")
     if is_url(spec):
-        return HTTPStore(spec, options)
+        return HTTPStore(spec, options, largest_chunk)
     if "://" in spec:
         raise CafuseError(f"{spec}: unsupported store URL (http, https or a directory)")
     return LocalStore(spec)

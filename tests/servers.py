@@ -1,6 +1,7 @@
 """HTTP servers the tests start on 127.0.0.1 and stop: nginx serving a
 directory, and a small server of our own that injects faults."""
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -97,7 +98,10 @@ class FaultServer:
     """Serves files below ``root`` like nginx, but each request can be made
     to fail.  ``fault(path, count)`` picks the fault for a request: one of
     None (serve it), "404", "500", "503", "429", "stall", "reset",
-    "truncate", "corrupt", "trickle".  ``requests`` counts requests per path.
+    "truncate", "corrupt", "trickle", "hints" (a 103 before the answer),
+    "huge" (5 GB announced, zeros sent until the client goes), or "301",
+    "302", "307", "308": a redirect to ``/moved`` + the path, which serves
+    the same file.  ``requests`` counts requests per path.
     """
 
     def __init__(self, root: Path, fault=lambda path, count: None):
@@ -140,7 +144,24 @@ class FaultServer:
         with self.lock:
             count = self.requests[path] = self.requests.get(path, 0) + 1
         fault = self.fault(path, count)
-        file = self.root / path.lstrip("/")
+        file = self.root / path.removeprefix("/moved").lstrip("/")
+        if fault in ("301", "302", "307", "308"):
+            h.send_response(int(fault))
+            h.send_header("Location", "/moved" + h.path)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        if fault == "huge":
+            h.send_response(200)
+            h.send_header("Content-Length", str(5 * 10**9))
+            h.end_headers()
+            with contextlib.suppress(OSError):
+                while not self.stop.is_set():
+                    h.wfile.write(bytes(1 << 20))
+            h.close_connection = True
+            return
+        if fault == "hints":
+            h.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
         if fault in ("404", "500", "503", "429") or (fault is None and not file.is_file()):
             status = int(fault) if fault else 404
             h.send_response(status)

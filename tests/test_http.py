@@ -122,6 +122,40 @@ def test_persistent_faults_fail_within_the_deadline(blob, fault, cache, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("status", ["301", "302", "307", "308"])
+def test_redirects_of_chunks_and_of_the_index_are_followed(blob, status, tmp_path, cache):
+    # As casync's HTTP helper does: a store moved elsewhere, or a CDN.
+    www = tmp_path / "www"
+    www.mkdir()
+    shutil.copy(blob.index, www / blob.index.name)
+    os.symlink(blob.store, www / "store")
+    with FaultServer(www, lambda path, n: None if path.startswith("/moved/") else status) \
+            as server:
+        out = run("cat", *cache, "-s", f"{server.url}/store", *FAST,
+                  f"{server.url}/{blob.index.name}")
+    assert out.stdout == blob.tree.read_bytes()
+
+
+def test_an_early_hints_answer_before_each_chunk_is_skipped(blob, cache):
+    with faulty(blob, lambda path, n: "hints") as server:
+        out = run("cat", *cache, "-s", server.url, *FAST, blob.index)
+    assert out.stdout == blob.tree.read_bytes()
+
+
+def test_a_store_announcing_gigabytes_is_refused_without_filling_the_memory(blob, cache):
+    # 16 connections each taking in up to 256 MiB made a mount of this
+    # blob (no chunk over 64 KiB) grow to 3.7 GB.
+    with faulty(blob, lambda path, n: "huge") as server:
+        proc = subprocess.Popen([CAFUSE, "cat", *cache, "-s", server.url, *FAST,
+                                 str(blob.index)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read().decode()
+    assert os.waitstatus_to_exitcode(status) == 1, err
+    assert "the answer announces 5000000000 bytes" in err and "Traceback" not in err
+    assert usage.ru_maxrss < 150 << 10, f"peak RSS {usage.ru_maxrss >> 10} MiB"
+
+
 def test_corrupt_bytes_are_never_served(blob, cache, tmp_path):
     with faulty(blob, lambda path, n: "corrupt") as server:
         fails("cat", *cache, "-s", server.url, *FAST, blob.index, match="chunk ")

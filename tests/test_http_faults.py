@@ -4,6 +4,7 @@ sockets left open by failed TLS handshakes."""
 import contextlib
 import os
 
+import pytest
 import trio
 import trio.testing
 
@@ -147,4 +148,115 @@ async def test_a_failed_tls_handshake_closes_its_socket_at_once():
                 errors.append(e)
         assert len(errors) == 20 and "cannot connect" in str(errors[0])
         assert len(os.listdir("/proc/self/fd")) - before < 5
+        n.cancel_scope.cancel()
+
+
+async def test_stray_bytes_that_come_while_a_connection_is_idle_never_answer_a_request():
+    async def stray_later(stream):
+        with contextlib.suppress(trio.BrokenResourceError):  # the client resets it
+            while await read_request(stream):
+                await stream.send_all(RESP)
+                await trio.sleep(0.05)  # apart from the response: it looked complete
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG")
+    async with trio.open_nursery() as n:
+        url = await serve(n, stray_later)
+        c = Client(url)
+        assert (await c.get("a")).body == b"ok"
+        await trio.sleep(0.2)
+        assert (await c.get("b")).body == b"ok"
+        n.cancel_scope.cancel()
+
+
+async def test_a_malformed_answer_on_a_reused_connection_is_tried_on_a_fresh_one():
+    async def junk_second(stream):
+        await read_request(stream)
+        await stream.send_all(RESP)
+        if await read_request(stream):
+            await stream.send_all(b"junk\r\n\r\n")  # what stray bytes look like
+        await stream.aclose()
+    async with trio.open_nursery() as n:
+        url = await serve(n, junk_second)
+        c = Client(url)
+        assert (await c.get("a")).body == b"ok"
+        assert (await c.get("b")).body == b"ok"
+        n.cancel_scope.cancel()
+
+
+async def gigabytes(stream, status):
+    if await read_request(stream):
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(f"HTTP/1.1 {status} X\r\nContent-Length: 5000000000\r\n\r\n"
+                                  .encode())
+            while True:
+                await stream.send_all(bytes(1 << 16))
+
+
+async def test_a_body_larger_than_the_bound_is_refused_but_an_errors_status_is_kept():
+    async with trio.open_nursery() as n:
+        c200 = Client(await serve(n, lambda s: gigabytes(s, 200)), max_body=1000)
+        c404 = Client(await serve(n, lambda s: gigabytes(s, 404)), max_body=1000)
+        with pytest.raises(HTTPError, match="announces 5000000000 bytes; at most 1000") as e:
+            await c200.get("chunk")
+        assert not e.value.retryable
+        response = await c404.get("chunk")     # missing: what its page says is not needed
+        assert (response.status, response.body) == (404, b"")
+        n.cancel_scope.cancel()
+
+
+async def test_an_endless_body_is_cut_at_the_bound():
+    async def endless(stream):
+        if await read_request(stream):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                while True:
+                    await stream.send_all(bytes(1 << 16))
+    async with trio.open_nursery() as n:
+        c = Client(await serve(n, endless), max_body=1 << 20)
+        with pytest.raises(HTTPError, match="sent more than 1048576 bytes"):
+            await c.get("chunk")
+        n.cancel_scope.cancel()
+
+
+async def test_a_redirect_elsewhere_is_followed_without_the_extra_headers():
+    seen = []
+
+    async def there(stream):
+        request = await read_request(stream)
+        seen.append(request)
+        await stream.send_all(RESP)
+    async with trio.open_nursery() as n:
+        other = await serve(n, there)
+
+        async def here(stream):
+            if await read_request(stream):
+                await stream.send_all(f"HTTP/1.1 302 Found\r\nLocation: {other}/signed?x=1"
+                                      f"\r\nContent-Length: 0\r\n\r\n".encode())
+        c = Client(await serve(n, here), headers={"Authorization": "Bearer secret"})
+        assert (await c.get("chunk")).body == b"ok"
+        assert seen[0].startswith(b"GET /signed?x=1 HTTP/1.1") and b"secret" not in seen[0]
+        await c.aclose()
+        n.cancel_scope.cancel()
+
+
+async def test_a_redirect_loop_ends_in_a_clear_error():
+    async def loop(stream):
+        while await read_request(stream):
+            await stream.send_all(b"HTTP/1.1 301 Moved\r\nLocation: /again\r\n"
+                                  b"Content-Length: 0\r\n\r\n")
+    async with trio.open_nursery() as n:
+        c = Client(await serve(n, loop))
+        with pytest.raises(HTTPError, match="/again: more than 5 redirects"):
+            await c.get("chunk")
+        n.cancel_scope.cancel()
+
+
+async def test_a_timeout_after_part_of_the_answer_says_how_much_came():
+    async def half(stream):
+        if await read_request(stream):
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok")
+            await trio.sleep(5)
+    async with trio.open_nursery() as n:
+        c = Client(await serve(n, half))
+        with pytest.raises(HTTPError, match=r"answer incomplete after 0.3 s \(2 of 10 bytes\)"):
+            await c.get_in_slot("chunk", timeout=0.3)
         n.cancel_scope.cancel()
