@@ -29,6 +29,7 @@ from .archive import Archive
 from .catar import Entry
 from .errors import CafuseError
 from .fusesession import FuseError
+from .listing import quote
 from .stream import IndexStream
 from .walk import WalkAhead, node_of
 
@@ -51,12 +52,19 @@ INIT_FLAGS = (proto.ASYNC_READ | proto.DO_READDIRPLUS | proto.PARALLEL_DIROPS
               | proto.POSIX_ACL | proto.MAX_PAGES | proto.CACHE_SYMLINKS)
 
 
+# Error lines logged in the last seconds: the kernel asks again at once for
+# a page whose read failed, and one line says it.
+_logged = cachetools.TTLCache(maxsize=64, ttl=2.0)
+
+
 @contextmanager
 def _errors_as_eio(what):
     try:
         yield
     except CafuseError as e:
-        log.error("%s: %s", what, e)
+        line = f"{what}: {e}"
+        log.log(logging.DEBUG if line in _logged else logging.ERROR, "%s", line)
+        _logged[line] = True
         raise FuseError(errno.EIO) from None
 
 
@@ -107,7 +115,7 @@ class _Base:
         """Bytes ``[offset, offset+size)`` of the stream, cut at ``end``, for
         ``reader``, with readahead (``_read_ahead``)."""
         size = max(0, min(size, end - offset))
-        with _errors_as_eio(f"read of bytes {offset}..{offset + size}"):
+        with _errors_as_eio(f"read of {quote(self.name)}, bytes {offset}..{offset + size}"):
             data = await self.stream.read(offset, size)
         self._read_ahead(reader, offset, offset + size, end, 0)
         return data
@@ -303,7 +311,7 @@ class TreeFS(_Base):
         return self._lookup(req.nodeid, parent, proto.name_arg(req.body))
 
     async def _lookup(self, node, parent, name):
-        with _errors_as_eio(f"lookup of {name!r}"):
+        with _errors_as_eio(f"lookup of {self._path(node, name)}"):
             child = await self.archive.lookup(parent, name)
         if child is None:
             return proto.entry_out(None, TIMEOUT)
@@ -339,7 +347,7 @@ class TreeFS(_Base):
         return self._listing(req.nodeid, children, offset, out)
 
     async def _list_then_reply(self, node, directory, offset, out):
-        with _errors_as_eio(f"listing of directory at offset {directory.offset}"):
+        with _errors_as_eio(f"listing of {self._path(node)}"):
             places = self._paged.get(node)
             if places is None:
                 places = await self.archive.places(directory)
@@ -396,6 +404,15 @@ class TreeFS(_Base):
                 self._remember(child)
                 self._parents[self.inode_of(child)] = node
 
+    def _path(self, node, name: bytes | None = None) -> str:
+        """Where ``node`` (or its child ``name``) is in the tree, for
+        messages; the kernel holds every node above one it holds."""
+        names = [] if name is None else [name]
+        while node != ROOT and (entry := self._entries.get(node)) is not None:
+            names.append(entry.name)
+            node = self._parents.get(node, ROOT)
+        return "/" + "/".join(quote(n) for n in reversed(names))
+
     def _dots(self, node):
         own = self._entry_attr(self._entry(node))
         parent = self._entries.get(self._parents.get(node))  # the root is its own
@@ -424,7 +441,8 @@ class TreeFS(_Base):
         return data
 
     async def _read_tree(self, node, entry, offset, size):
-        with _errors_as_eio(f"read of bytes {offset}..{offset + size}"):
+        start = offset - entry.payload
+        with _errors_as_eio(f"read of {self._path(node)}, bytes {start}..{start + size}"):
             data = await self.stream.read(offset, size)
         self._after_read(node, entry, offset, size)
         return data

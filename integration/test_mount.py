@@ -460,14 +460,19 @@ def test_store_outage_gives_eio_then_recovers(casync_archive, tmp_path):
     made = casync_archive("full")
     down = {"on": False}
     with FaultServer(made.store, lambda path, n: "503" if down["on"] else None) as server:
+        log = tmp_path / "mount.log"
         with mounted(made.index, tmp_path / "mnt", "--no-cache", "-s", server.url,
-                     "--timeout", "0.5", "--retries", "0", "--deadline", "3") as mnt:
+                     "--timeout", "0.5", "--retries", "0", "--deadline", "3",
+                     "--log-file", log) as mnt:
             assert sh("cat", mnt / "hello.txt").stdout == b"hello casync\n"
             down["on"] = True
             start = time.monotonic()
             failed = sh("cat", mnt / "random.bin", check=False, timeout=30)
             assert failed.returncode != 0 and b"Input/output error" in failed.stderr
             assert time.monotonic() - start < 3 + 2  # the deadline, once
+            errors = [line for line in log.read_text().splitlines() if "ERROR" in line]
+            assert "ERROR: read of /random.bin, bytes 0.." in errors[0]  # the file named
+            assert len(set(errors)) == len(errors)  # each once, though the kernel asks again
             assert sh("cat", mnt / "hello.txt").stdout == b"hello casync\n"  # cached
             down["on"] = False
             time.sleep(5.5)  # the store's set-aside period ends

@@ -216,3 +216,30 @@ def test_a_listing_someone_waits_for_is_urgent_and_readahead_is_not(casync_archi
 
     listing, readahead = trio.run(check)
     assert listing == {True} and readahead == {False}
+
+
+def test_a_read_that_fails_is_logged_once_naming_the_file(casync_archive, caplog):
+    # The kernel asks again at once for a page whose read failed.
+    made = casync_archive("full")
+
+    async def check():
+        inp, fs = await tree_fs(made)
+        node = await looked_up(fs, b"dir")
+        for name in (b"sub", b"deep.txt"):
+            found = await answer(fs.lookup, request(proto.LOOKUP, node, name + b"\0"))
+            node = struct.unpack_from("<Q", found)[0]
+
+        async def failing(offset, size, **_kwargs):
+            raise ChunkError("chunk 00: missing from every store")
+        fs.stream.read_cached = lambda offset, size: None
+        fs.stream.read = failing
+        failed = []
+        for _ in range(2):
+            with pytest.raises(FuseError) as e:
+                await answer(fs.read, request(proto.READ, node, readdir_body(0, size=4096)))
+            failed.append(e.value.errno)
+        await inp.aclose()
+        return failed
+    assert trio.run(check) == [errno.EIO, errno.EIO]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == ["read of /dir/sub/deep.txt, bytes 0..5: chunk 00: missing from every store"]
