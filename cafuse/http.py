@@ -92,7 +92,11 @@ class _Progress:
         return f"answer incomplete after {timeout:g} s ({self.got}{of} bytes)"
 
 
-class _TooLarge(Exception):
+class _Unwanted(Exception):
+    """An answer that cannot be what was asked for."""
+
+
+class _TooLarge(_Unwanted):
     """A body (announced or received) larger than the client takes."""
 
 
@@ -120,16 +124,22 @@ class _Connection:
         response = await self._next_event()
         while isinstance(response, h11.InformationalResponse):  # 1xx: the answer follows
             response = await self._next_event()
+        coding = _header(response, b"content-encoding")
+        if coding not in (None, b"identity") and 200 <= response.status_code < 300:
+            raise _Unwanted(f"in the content coding {coding.decode('latin-1')}, "
+                            f"not as it is (identity)")
         progress.length, progress.got = _content_length(response), 0
         if progress.length is not None and progress.length > max_body:
-            return _cut(response, f"announces {progress.length} bytes")
+            return _cut(response, f"announces {progress.length} bytes; at most "
+                        f"{max_body} are taken")
         parts = []
         while True:
             event = await self._next_event()
             if isinstance(event, h11.Data):
                 progress.got += len(event.data)
                 if progress.got > max_body:
-                    return _cut(response, f"sent more than {max_body} bytes")
+                    return _cut(response, f"goes on past {max_body} bytes, "
+                                f"the most that are taken")
                 parts.append(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 break
@@ -200,7 +210,10 @@ class Client:
         self.port = port or (443 if parts.scheme == "https" else 80)
         self.host_header = parts.netloc.rpartition("@")[2]
         self.base_path = parts.path.rstrip("/")
-        self.headers = [("User-Agent", "cafuse"), *(headers or {}).items()]
+        # Without Accept-Encoding any coding is acceptable (RFC 9110 §12.5.3),
+        # and a server may gzip what is already compressed.
+        self.headers = [("User-Agent", "cafuse"), ("Accept-Encoding", "identity"),
+                        *(headers or {}).items()]
         self.max_body = max_body
         self._tls_options = tls or TLSOptions()
         self._tls = self._tls_options.context() if self.scheme == "https" else None
@@ -278,10 +291,9 @@ class Client:
                                                   h11.ProtocolError)):
                     continue  # a stale keep-alive connection: try a fresh one
                 raise HTTPError(f"{progress.url}: {_describe(e)}", True) from None
-            except _TooLarge as e:
+            except _Unwanted as e:
                 await _close_quietly(conn)
-                raise HTTPError(f"{progress.url}: the answer {e}; at most "
-                                f"{self.max_body} are taken", False) from None
+                raise HTTPError(f"{progress.url}: the answer {e}", False) from None
             except BaseException:
                 await _close_quietly(conn)
                 raise
@@ -330,21 +342,22 @@ class Client:
             await client.aclose()
 
 
-def _content_length(response: h11.Response) -> int | None:
-    for name, value in response.headers:
-        if name == b"content-length":  # h11 has checked it is a number
-            return int(value)
+def _header(response, wanted: bytes) -> bytes | None:
+    for name, value in response.headers:  # h11 lowercases the names
+        if name == wanted:
+            return value
     return None
+
+
+def _content_length(response: h11.Response) -> int | None:
+    value = _header(response, b"content-length")  # h11 has checked it is a number
+    return None if value is None else int(value)
 
 
 def _location(response: Response) -> str | None:
     """Where a redirect points, if ``response`` is one."""
-    if response.status not in REDIRECTS:
-        return None
-    for name, value in response.headers:
-        if name == b"location":
-            return value.decode("latin-1")
-    return None
+    value = _header(response, b"location") if response.status in REDIRECTS else None
+    return None if value is None else value.decode("latin-1")
 
 
 async def _close_quietly(conn):

@@ -212,7 +212,7 @@ async def test_an_endless_body_is_cut_at_the_bound():
                     await stream.send_all(bytes(1 << 16))
     async with trio.open_nursery() as n:
         c = Client(await serve(n, endless), max_body=1 << 20)
-        with pytest.raises(HTTPError, match="sent more than 1048576 bytes"):
+        with pytest.raises(HTTPError, match="goes on past 1048576 bytes"):
             await c.get("chunk")
         n.cancel_scope.cancel()
 
@@ -259,4 +259,20 @@ async def test_a_timeout_after_part_of_the_answer_says_how_much_came():
         c = Client(await serve(n, half))
         with pytest.raises(HTTPError, match=r"answer incomplete after 0.3 s \(2 of 10 bytes\)"):
             await c.get_in_slot("chunk", timeout=0.3)
+        n.cancel_scope.cancel()
+
+
+async def test_the_chunk_is_asked_for_as_it_is_and_a_coded_answer_refused():
+    # Without Accept-Encoding any coding is acceptable (RFC 9110 §12.5.3).
+    asked = []
+
+    async def gzipping(stream):  # whatever it is asked
+        asked.append(await read_request(stream))
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n"
+                              b"Content-Length: 2\r\n\r\nok")
+    async with trio.open_nursery() as n:
+        c = Client(await serve(n, gzipping))
+        with pytest.raises(HTTPError, match="in the content coding gzip, not as it is"):
+            await c.get("chunk")
+        assert b"accept-encoding: identity" in asked[0].lower()
         n.cancel_scope.cancel()
