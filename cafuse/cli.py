@@ -212,7 +212,8 @@ def _add_http(parser):
                        "(default: 10)")
     group.add_argument("--retries", type=COUNT, default=3, metavar="N",
                        help="tries again after connection errors, timeouts, 5xx "
-                       "and 429, with exponential back-off; a timed-out try goes "
+                       "and 429, with exponential back-off (or the server's "
+                       "Retry-After, up to --timeout); a timed-out try goes "
                        "first to the next store, if any (default: 3)")
     group.add_argument("--connections", type=POSITIVE_COUNT, default=16, metavar="N",
                        help="requests in flight per store (default: 16)")

@@ -114,6 +114,7 @@ async def fetch_with_retries(client: Client, path: str, options: HTTPOptions,
         if held is not None:
             held()
         while True:
+            asked = 0.0   # the wait the server asks for before a retry
             try:
                 response = await client.get_in_slot(path, options.timeout)
             except HTTPError as e:
@@ -125,12 +126,24 @@ async def fetch_with_retries(client: Client, path: str, options: HTTPOptions,
                     return None
                 retryable = response.status >= 500 or response.status == 429
                 error = HTTPError(f"{client.url(path)}: HTTP {response.status}", retryable)
+                asked = retry_after(response)
             if not error.retryable or attempt >= options.retries \
                     or (error.timed_out and not retry_timeouts):
                 raise error
             attempt += 1
-            await trio.sleep(delay * (0.5 + random.random()))
+            # A server's Retry-After is heeded up to --timeout: a longer
+            # one would outlast the chunk's deadline anyway.
+            await trio.sleep(max(delay * (0.5 + random.random()), min(asked, options.timeout)))
             delay *= 2
+
+
+def retry_after(response) -> float:
+    """The seconds a 503 or 429 asks to wait (RFC 9110 §10.2.3), 0 if it
+    names none or a date."""
+    for name, value in response.headers:
+        if name == b"retry-after" and value.strip().isdigit():
+            return float(value)
+    return 0.0
 
 
 def is_url(spec: str) -> bool:

@@ -276,3 +276,17 @@ async def test_the_chunk_is_asked_for_as_it_is_and_a_coded_answer_refused():
             await c.get("chunk")
         assert b"accept-encoding: identity" in asked[0].lower()
         n.cancel_scope.cancel()
+
+
+async def test_a_retry_waits_as_long_as_the_server_asks_up_to_the_timeout():
+    async def busy_once(stream):
+        answers = [b"HTTP/1.1 503 Busy\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n"]
+        while await read_request(stream):
+            await stream.send_all(answers.pop() if answers else RESP)
+    async with trio.open_nursery() as n:
+        c = Client(await serve(n, busy_once))
+        start = trio.current_time()
+        opts = HTTPOptions(retries=1, backoff=0.01, timeout=5)
+        assert await fetch_with_retries(c, "x", opts, missing_ok=False) == (b"ok", True)
+        assert trio.current_time() - start >= 1.0
+        n.cancel_scope.cancel()
