@@ -33,7 +33,7 @@ import trio
 
 from . import chunk
 from .diskcache import DiskCache, DiskFull
-from .errors import CafuseError, ChunkError, ChunkTimeout, single_errors
+from .errors import CafuseError, ChunkError, ChunkTimeout, ChunkUnanswered, single_errors
 from .http import HTTPError
 from .slots import Priority
 
@@ -42,10 +42,12 @@ log = logging.getLogger("cafuse")
 DEFAULT_MEMORY_BYTES = 64 << 20
 ASIDE_DOUBLINGS = 6  # a store failing on each return: aside up to 64 times --backoff
 DISK_FAILURES = 3    # failed disk cache calls in a row before going on without it
-# A chunk not delivered within its deadline fails again at once for this
-# long: the kernel follows a failed readahead READ with a READ of the same
-# page, which must not cost a second deadline.  (Quick failures are not
-# remembered: trying again costs little, and the store may be back.)
+# A chunk not delivered within its deadline, or because a store gave no
+# answer (ChunkUnanswered), fails again at once for this long: the kernel
+# follows a failed READ with a READ of the same page, which must not cost
+# that wait again.  (Failures where every store answered, a 404, a corrupt
+# copy or a local store's error, are not remembered: trying again costs
+# little, and the chunk may have been added.)
 FAILURE_MEMORY = 1.0
 DISK_WARN_EVERY = 60.0  # seconds between warnings about the disk cache
 # Chunks waiting for the disk cache writer, at most: when the disk falls
@@ -488,7 +490,7 @@ class ChunkEngine:
         for k, (cid, _size) in enumerate(wanted):
             failed = self._failed.get(cid) if results[k] is None and self._failed else None
             if failed is not None:
-                raise ChunkTimeout(failed)
+                raise type(failed)(str(failed))
         mine, theirs, priority, shares = {}, [], {}, {}
         for k, (cid, _size) in enumerate(wanted):
             if results[k] is not None:
@@ -537,8 +539,8 @@ class ChunkEngine:
                 # asked again at once, would wait for them a second deadline.
                 for cid, ks in mine.items():
                     if results[ks[0]] is None and cid not in self._failed:
-                        self._remember_failure(cid, priority[cid],
-                                               f"chunk {cid.hex()}: given up: {e}")
+                        self._remember_failure(cid, priority[cid], ChunkTimeout(
+                            f"chunk {cid.hex()}: given up: {e}"))
             raise
         finally:
             for cid, shared in shares.items():
@@ -553,7 +555,9 @@ class ChunkEngine:
     async def _again(self, want, remember, urgent, error, joined):
         """A chunk whose load by another task failed (or was cancelled with
         its reader), loaded again within what is left of this reader's own
-        deadline; when nothing is left, that load's error."""
+        deadline; when nothing is left, that load's error.  (If a store gave
+        no answer for the chunk, a reader's load remembered that failure,
+        and ``get_many`` raises it at once.)"""
         with trio.move_on_at(joined + self.deadline):
             return (await self.get_many([want], remember, urgent))[0]
         raise error or ChunkError(f"chunk {want[0].hex()}: not delivered within "
@@ -713,7 +717,7 @@ class ChunkEngine:
             try:
                 data = chunk.decode(*found, chunk_id, size, self.digest)
             except ChunkError as e:
-                problems.append(_Corrupt(_problem(e, chunk_id, state.store)))
+                problems.append(_problem(e, chunk_id, state.store, _Corrupt))
                 continue
             return str(state.store), data, len(found[0]), problems
         return None, None, 0, problems
@@ -757,7 +761,7 @@ class ChunkEngine:
         until the load's deadline, then those ``passed`` over; the chunk
         and the store's position."""
         while True:
-            problems.append(_Corrupt(_problem(error, want[0], self._far_stores[position].store)))
+            problems.append(_problem(error, want[0], self._far_stores[position].store, _Corrupt))
             position, found = await self._fetch_with_deadline(want, problems, position + 1,
                                                               priority, passed, load)
             outcome = await trio.to_thread.run_sync(self._decode, want, position, found,
@@ -783,8 +787,7 @@ class ChunkEngine:
             if race.won is None:
                 await self._last_tries(race, want, problems, priority, passed, load)
             if race.won is None:
-                raise ChunkError(f"chunk {chunk_id.hex()}: "
-                                 + "; ".join(_said(problems) or ["no stores"]))
+                raise self._failure(chunk_id, priority, problems)
             return race.won
         # The searches a race started end at the same deadline: let them
         # say which of their stores never answered.
@@ -792,17 +795,27 @@ class ChunkEngine:
         told = _said(problems) or ["no answer from " + ", ".join(
             str(state.store) for state in self._far_stores[start:])]  # none was asked yet
         told.append(f"not delivered within {self.deadline:g} s")
-        message = f"chunk {chunk_id.hex()}: " + "; ".join(told)
-        self._remember_failure(chunk_id, priority, message)
-        raise ChunkTimeout(message)
+        error = ChunkTimeout(f"chunk {chunk_id.hex()}: " + "; ".join(told))
+        self._remember_failure(chunk_id, priority, error)
+        raise error
 
-    def _remember_failure(self, chunk_id, priority, message):
+    def _failure(self, chunk_id, priority, problems) -> ChunkError:
+        """The error of a chunk that every store was asked for in vain;
+        remembered if a store's last word on it was no answer."""
+        message = f"chunk {chunk_id.hex()}: " + "; ".join(_said(problems) or ["no stores"])
+        if not _unanswered(problems):
+            return ChunkError(message)
+        error = ChunkUnanswered(message)
+        self._remember_failure(chunk_id, priority, error)
+        return error
+
+    def _remember_failure(self, chunk_id, priority, error):
         """Only for a chunk a reader waits for: readahead may run out of
         its deadline queued behind readers, which says nothing of the
         store."""
         if priority.urgent:
             self._failed.expire()
-            self._failed[chunk_id] = message
+            self._failed[chunk_id] = error
 
     async def _last_tries(self, race, want, problems, priority, passed, load):
         """The last tries of the stores passed over, all at once (any of
@@ -980,7 +993,7 @@ class ChunkEngine:
                                                     limiter=self._limiter)
             if isinstance(outcome, ChunkError):
                 store = self._far_stores[position].store
-                problems.append(_Corrupt(_problem(outcome, want[0], store)))
+                problems.append(_problem(outcome, want[0], store, _Corrupt))
                 return False
             found = _Verified(found, outcome)
         if race.won is None:
@@ -1020,7 +1033,8 @@ class ChunkEngine:
             problems.append(_Silent(state.store))
             raise
         except CafuseError as e:
-            problems.append(_problem(e, chunk_id, state.store))
+            looks_down = getattr(e, "retryable", False)
+            problems.append(_problem(e, chunk_id, state.store, _NoAnswer if looks_down else _Word))
             later = getattr(e, "timed_out", False) and others_left
             # A store that answered another chunk since the try began is
             # not down: only this request got stuck.
@@ -1028,7 +1042,7 @@ class ChunkEngine:
                 self._set_aside(state, e)
             return _LATER if later else None
         if found is None:
-            problems.append(f"missing from {state.store}")
+            problems.append(_Word(f"missing from {state.store}", state.store))
         return found
 
     def _decode(self, want, position, found):
@@ -1380,9 +1394,26 @@ class _Verified(tuple):
         return copy
 
 
-class _Corrupt(str):
-    """A problem that was a copy not matching its id: a warning if another
-    store then serves the chunk (if none does, the chunk's error says it)."""
+class _Word(str):
+    """What a store (``store``: its name) said of a chunk, for the chunk's
+    error; ``answered`` is False when it gave no answer."""
+    answered = True
+
+    def __new__(cls, text, store):
+        word = super().__new__(cls, text)
+        word.store = str(store)
+        return word
+
+
+class _NoAnswer(_Word):
+    """A store that looks down: its tries timed out or failed (no
+    connection, 5xx, 429)."""
+    answered = False
+
+
+class _Corrupt(_Word):
+    """A copy not matching its id: a warning if another store then serves
+    the chunk (if none does, the chunk's error says it)."""
 
 
 class _Silent(str):
@@ -1390,15 +1421,12 @@ class _Silent(str):
     up (at the deadline, or outrun)."""
 
 
-class _Aside(str):
-    """A store skipped for a chunk because it was set aside (``store``:
-    its name)."""
+class _Aside(_NoAnswer):
+    """A store skipped for a chunk because it was set aside."""
 
     @classmethod
     def of(cls, state: _StoreState) -> "_Aside":
-        problem = cls(f"{state.store} set aside {state.why_aside}")
-        problem.store = str(state.store)
-        return problem
+        return cls(f"{state.store} set aside {state.why_aside}", state.store)
 
 
 def _said(problems) -> list[str]:
@@ -1418,9 +1446,16 @@ def _warn_corrupt(problems, chunk_id, source):
             log.warning("chunk %s: %s; served by %s instead", chunk_id.hex(), problem, source)
 
 
-def _problem(error, chunk_id, store) -> str:
+def _unanswered(problems) -> bool:
+    """Whether a store's last word on a chunk was no answer (a store set
+    aside, say, gets a last try, whose word counts)."""
+    last = {word.store: word for word in problems if isinstance(word, _Word)}
+    return not all(word.answered for word in last.values())
+
+
+def _problem(error, chunk_id, store, kind=_Word) -> _Word:
     """What ``store`` said of a chunk, for the error that lists what every
     store said (and names the chunk once)."""
     text = str(error).removeprefix(f"chunk {chunk_id.hex()}: ")
     named = text.startswith((f"{store}/", f"{store}:"))
-    return text if named else f"{text} ({store})"
+    return kind(text if named else f"{text} ({store})", store)

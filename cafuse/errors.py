@@ -37,7 +37,13 @@ class ChunkError(CafuseError):
     """A chunk that no store could deliver with the right content."""
 
 
-class ChunkTimeout(ChunkError):
+class ChunkUnanswered(ChunkError):
+    """A chunk that no store delivered because a store that may have it gave
+    no answer (its tries timed out or failed: no connection, 5xx): asking
+    again at once would wait for that store again."""
+
+
+class ChunkTimeout(ChunkUnanswered):
     """A chunk that no store delivered within its deadline."""
 
 

@@ -509,6 +509,27 @@ def test_a_hung_store_holds_up_only_the_reads_that_need_it(casync_archive, tmp_p
                 kill_quietly(hung)
 
 
+def test_one_read_fails_within_the_deadline_when_the_tries_time_out(casync_archive, tmp_path):
+    # Headers, then a byte every 0.05 s: each try times out (an HTTPError,
+    # not the deadline), and the kernel's READ of the failed page, or a
+    # reader that joined the failed load, must not load the chunk again.
+    made = casync_archive("full", chunk_size="4K")
+    trickle = {"on": False}
+    with FaultServer(made.store, lambda path, n: "trickle" if trickle["on"] else None) as server:
+        with mounted(made.index, tmp_path / "mnt", "--no-cache", "-s", server.url,
+                     "--timeout", "2", "--retries", "1", "--deadline", "8") as mnt:
+            os.listdir(mnt)
+            trickle["on"] = True
+            fd = os.open(mnt / "random.bin", os.O_RDONLY)
+            try:
+                start = time.monotonic()
+                with pytest.raises(OSError, match="Input/output error"):
+                    os.pread(fd, 131072, 0)
+                assert time.monotonic() - start < 8 + 1.5  # 12 s: the chunk asked for thrice
+            finally:
+                os.close(fd)
+
+
 def test_a_hung_local_store_hands_its_reads_on_to_the_next_store(casync_archive, tmp_path):
     # Every chunk file a FIFO: open() blocks as on an NFS server that stopped.
     made = casync_archive("full", chunk_size="4K")

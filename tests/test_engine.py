@@ -1259,6 +1259,86 @@ async def test_a_chunk_not_delivered_in_time_fails_again_at_once_for_a_moment():
     assert await eng.get(a, len(da)) == da  # then it is asked for again
 
 
+class TimesOut(Store):
+    """Every try of its fetch gets no answer within ``after`` seconds (a
+    --timeout), as from a server that sends half a body and stalls."""
+
+    def __init__(self, name, chunks, after):
+        super().__init__(name, chunks)
+        self.after = after
+
+    async def fetch(self, cid, priority=None, others_left=False, held=None):
+        began = trio.current_time()
+        held()
+        self.calls.append(cid)
+        await trio.sleep(self.after)
+        raise HTTPError(f"{self.name}: no answer within {self.after:g} s", True, began)
+
+
+def no_answer(kind, chunks):
+    """A store that gives no answer of ``kind`` for any chunk."""
+    if kind == "tries timed out":
+        return TimesOut("hung", chunks, after=0.2)
+    return Store("hung", chunks, lambda cid, n: HTTPError("hung: HTTP 503", True))
+
+
+@pytest.mark.parametrize("kind", ["tries timed out", "5xx"])
+async def test_a_chunk_a_store_gave_no_answer_for_fails_again_at_once_for_a_moment(kind):
+    (a, da), = [chunk(1)]
+    hung, missing = no_answer(kind, [(a, da)]), Store("missing", [])
+    eng = engine([missing, hung])
+    with pytest.raises(ChunkError, match="missing from missing; hung: "):
+        await eng.get(a, len(da))
+    with pytest.raises(ChunkError, match="hung: "):
+        await eng.get(a, len(da))          # the kernel's READ of the failed page
+    assert len(hung.calls) == len(missing.calls) == 1
+    await trio.sleep(FAILURE_MEMORY)
+    with pytest.raises(ChunkError):
+        await eng.get(a, len(da))
+    assert len(hung.calls) == 2            # then it is asked for again
+
+
+async def test_a_reader_that_joined_a_load_no_store_answered_does_not_load_it_again():
+    (a, da), = [chunk(1)]
+    hung = TimesOut("hung", [(a, da)], after=0.3)
+    eng = engine([hung])
+
+    async def read():
+        with pytest.raises(ChunkError, match="hung: no answer within 0.3 s"):
+            await eng.get(a, len(da))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.sleep(0.1)
+        nursery.start_soon(read)           # joins the first reader's load
+    assert len(hung.calls) == 1
+
+
+def answering(answer, a, tmp_path):
+    """Stores that each answer for chunk ``a`` (the first is counted)."""
+    if answer == "local":
+        return [Store("remote", []), LocalStore(str(tmp_path / "none"))]
+    if answer == "set aside, then missing":
+        return [Store("first", [], lambda cid, n: None if cid == a else HTTPError("refused", True)),
+                Store("second", [])]
+    corrupt, refused = a if answer == "corrupt" else None, a if answer == "refused" else None
+    return [Staggered([], {}, refused=refused, corrupt=corrupt)]
+
+
+@pytest.mark.parametrize("answer", ["missing", "corrupt", "refused", "local",
+                                    "set aside, then missing"])
+async def test_a_chunk_every_store_answered_for_is_asked_for_again_at_once(answer, tmp_path):
+    (a, da), (b, db) = chunk(1), chunk(2)
+    stores = answering(answer, a, tmp_path)
+    eng = engine(stores)
+    if answer == "set aside, then missing":
+        with pytest.raises(ChunkError, match="refused"):
+            await eng.get(b, len(db))      # sets the first store aside
+        assert not eng._far_stores[0].available()
+    for _ in range(2):
+        with pytest.raises(ChunkError):
+            await eng.get(a, len(da))
+    assert stores[0].calls.count(a) == 2
+
 class HungLocalStore:
     """A local directory on an NFS server that stopped answering, until
     ``release`` is set: then it serves ``chunks``."""
