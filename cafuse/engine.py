@@ -50,6 +50,13 @@ DISK_FAILURES = 3    # failed disk cache calls in a row before going on without 
 # little, and the chunk may have been added.)
 FAILURE_MEMORY = 1.0
 DISK_WARN_EVERY = 60.0  # seconds between warnings about the disk cache
+# A remote store whose copies fail verification this many times in a row,
+# with no good one between (an HTML page from a captive portal or a proxy,
+# an empty body), is set aside like one that looks down.
+CORRUPT_IN_A_ROW = 3
+# After its first, a store's corrupt copies are warned of at most this
+# often (with a count): a bad mirror must not log a line per chunk.
+CORRUPT_WARN_EVERY = 60.0
 # Chunks waiting for the disk cache writer, at most: when the disk falls
 # this far behind the stores, loads nobody waits for wait for it.
 DISK_QUEUE_BYTES = 32 << 20
@@ -88,7 +95,10 @@ class _StoreState:
         self.down_until = 0.0
         self.why_aside = ""              # "after errors", or why it was set aside
         self.answered = -math.inf        # when it last answered a fetch (trio's clock)
-        self.strikes = 0                 # set-asides since it last answered
+        # Set-asides since it last answered well: a 404, or a copy that
+        # matched its id.
+        self.strikes = 0
+        self.corrupt = 0                 # copies in a row that did not match their ids
         self._fetches: set[_Fetch] = set()
 
     def available(self) -> bool:
@@ -462,6 +472,9 @@ class ChunkEngine:
         # flush) apart: reads that work must not hide writes that all fail.
         self._disk_failures = {True: 0, False: 0}
         self._disk_warned = -DISK_WARN_EVERY
+        # Per store, when a copy that did not match its id was last warned
+        # of, and how many have not been since.
+        self._corrupt_told: dict[str, tuple[float, int]] = {}
 
     @property
     def remote_stores(self) -> set[str]:
@@ -573,7 +586,7 @@ class ChunkEngine:
             if data is None:
                 far.append((k, problems))
             else:
-                _warn_corrupt(problems, wanted[k][0], source)
+                self._warn_corrupt(problems, wanted[k][0], source)
                 self._account(source, raw_size)
                 results[k] = data
                 on_arrival(wanted[k][0], data)
@@ -761,15 +774,13 @@ class ChunkEngine:
         until the load's deadline, then those ``passed`` over; the chunk
         and the store's position."""
         while True:
-            problems.append(_problem(error, want[0], self._far_stores[position].store, _Corrupt))
+            self._corrupt_copy(problems, want[0], position, error)
             position, found = await self._fetch_with_deadline(want, problems, position + 1,
                                                               priority, passed, load)
             outcome = await trio.to_thread.run_sync(self._decode, want, position, found,
                                                     limiter=self._limiter)
             if not isinstance(outcome, ChunkError):
-                store = str(self._far_stores[position].store)
-                _warn_corrupt(problems, want[0], store)
-                self._account(store, len(found[0]))
+                self._served(problems, want[0], position, found)
                 return outcome, position
             error = outcome
 
@@ -992,8 +1003,7 @@ class ChunkEngine:
             outcome = await trio.to_thread.run_sync(self._decode, want, position, found,
                                                     limiter=self._limiter)
             if isinstance(outcome, ChunkError):
-                store = self._far_stores[position].store
-                problems.append(_problem(outcome, want[0], store, _Corrupt))
+                self._corrupt_copy(problems, want[0], position, outcome)
                 return False
             found = _Verified(found, outcome)
         if race.won is None:
@@ -1028,7 +1038,8 @@ class ChunkEngine:
                     problems.append(_Aside.of(state))
                     return _LATER
             state.answered = trio.current_time()
-            state.strikes = 0
+            if found is None:   # a copy, once it matches its id (_served)
+                state.strikes = 0
         except trio.Cancelled:  # the deadline, most often: named if it fails
             problems.append(_Silent(state.store))
             raise
@@ -1177,16 +1188,41 @@ class ChunkEngine:
     def _set_aside(self, state, error, silent=False):
         """After ``error`` (its own retries spent), skip a store that looks
         down (no connection, timeouts, 5xx) for a while, so a dead mirror
-        costs one deadline, not one per chunk; twice as long each time it
-        fails again on its return, until it answers.  An answer about one chunk
-        (a 403, a body too large) says nothing of the others; and the last
-        store left is never skipped: there is nothing to skip to, and its
-        next answer may well be a good one."""
-        if not getattr(error, "retryable", False):
-            return
+        costs one deadline, not one per chunk.  An answer about one chunk
+        (a 403, a body too large) says nothing of the others."""
+        if getattr(error, "retryable", False):
+            self._put_aside(state, "for not answering" if silent else "after errors",
+                            str(error), silent)
+
+    def _corrupt_copy(self, problems, chunk_id, position, error):
+        """A copy from the store at ``position`` that does not match its id
+        (``error``), told in ``problems``.  A remote store whose copies
+        keep failing (CORRUPT_IN_A_ROW, no good one between) is set aside:
+        it answers, but asking it first for every chunk costs a request
+        and a warning each."""
+        state = self._far_stores[position]
+        problems.append(_problem(error, chunk_id, state.store, _Corrupt))
+        state.corrupt += 1
+        if state.corrupt >= CORRUPT_IN_A_ROW and not state.store.blocking:
+            state.corrupt = 0   # on its return, as many again
+            self._put_aside(state, "for answers that do not match their chunk ids",
+                            f"{CORRUPT_IN_A_ROW} answers in a row did not match their chunk ids")
+
+    def _served(self, problems, chunk_id, position, found):
+        """The store at ``position`` served a copy that matched its id: it
+        answered well."""
+        state = self._far_stores[position]
+        state.corrupt = state.strikes = 0
+        self._warn_corrupt(problems, chunk_id, str(state.store))
+        self._account(str(state.store), len(found[0]))
+
+    def _put_aside(self, state, why, said, silent=False):
+        """Skip a store for a while (``why``, after what ``said``); twice
+        as long each time it fails again on its return, until it answers
+        well.  The last store left is never skipped: there is nothing to
+        skip to, and its next answer may well be a good one."""
         if not any(other.available() for other in self._far_stores if other is not state):
             return
-        why = "for not answering" if silent else "after errors"
         back = state.available()  # else its time aside is only renewed
         news = back or state.why_aside != why
         if back:
@@ -1194,7 +1230,25 @@ class ChunkEngine:
         seconds = self.backoff * 2 ** min(max(state.strikes - 1, 0), ASIDE_DOUBLINGS)
         state.set_aside(seconds, why, silent)
         log.log(logging.WARNING if news else logging.DEBUG,
-                "%s; setting store %s aside for %g s", error, state.store, seconds)
+                "%s; setting store %s aside for %g s", said, state.store, seconds)
+
+    def _warn_corrupt(self, problems, chunk_id, source):
+        """Warn of the copies in ``problems`` that did not match their ids,
+        now that ``source`` served the chunk: a store's first one, then at
+        most one per CORRUPT_WARN_EVERY, with how many went untold."""
+        now = time.monotonic()
+        for problem in problems:
+            if not isinstance(problem, _Corrupt):
+                continue
+            last, untold = self._corrupt_told.get(problem.store, (-math.inf, 0))
+            if now - last < CORRUPT_WARN_EVERY:
+                self._corrupt_told[problem.store] = last, untold + 1
+                continue
+            self._corrupt_told[problem.store] = now, 0
+            more = f" ({untold} more from {problem.store} since the last warning)" \
+                if untold else ""
+            log.warning("chunk %s: %s; served by %s instead%s", chunk_id.hex(), problem,
+                        source, more)
 
     def _account(self, source, raw_size=0):
         self.stats.sources[source] += 1
@@ -1363,9 +1417,7 @@ class _FarLoad:
                 self._nursery.start_soon(self._again, k, problems, position, outcome)
                 again += 1
                 continue
-            store = str(engine._far_stores[position].store)
-            _warn_corrupt(problems, self.wanted[k][0], store)
-            engine._account(store, len(found[0]))
+            engine._served(problems, self.wanted[k][0], position, found)
             self.results[k] = outcome
             self.on_arrival(self.wanted[k][0], outcome)
             delivered.append((self.wanted[k][0], outcome, position))
@@ -1438,12 +1490,6 @@ def _said(problems) -> list[str]:
     if silent:
         told.append("no answer from " + ", ".join(silent))
     return told
-
-
-def _warn_corrupt(problems, chunk_id, source):
-    for problem in problems:
-        if isinstance(problem, _Corrupt):
-            log.warning("chunk %s: %s; served by %s instead", chunk_id.hex(), problem, source)
 
 
 def _unanswered(problems) -> bool:

@@ -372,6 +372,26 @@ def test_a_corrupt_local_chunk_is_one_error_or_a_warning_if_another_store_has_it
                         f"served by {blob.store} instead\n", done.stderr.decode()), done.stderr
 
 
+def test_a_mirror_that_serves_every_chunk_wrong_costs_a_few_lines_not_one_per_chunk(
+        casync_archive, tmp_path):
+    blob = casync_archive("blob1m", chunk_size="16K")
+    chunks = len(list(blob.store.rglob("*.cacnk")))
+    with FaultServer(blob.store, lambda path, n: "corrupt") as bad, \
+            FaultServer(blob.store) as good:
+        done = subprocess.run([CAFUSE, "cat", "--no-cache", "-s", bad.url, "-s", good.url,
+                               blob.index], capture_output=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == blob.tree.read_bytes()
+    lines = done.stderr.decode().splitlines()
+    assert chunks > 40 and len(lines) == 2, done.stderr
+    # The first copy served by the next store (whichever that is) and the
+    # set-aside, in either order.
+    assert ("cafuse: WARNING: 3 answers in a row did not match their chunk ids; setting "
+            f"store {bad.url} aside for 5 s") in lines, lines
+    corrupt = (f"cafuse: WARNING: chunk [0-9a-f]{{64}}: [^\n]* \\({re.escape(bad.url)}\\); "
+               f"served by {re.escape(good.url)} instead")
+    assert any(re.fullmatch(corrupt, line) for line in lines), lines
+
+
 def test_cache_stats_shows_pack_bytes_no_row_lists(casync_archive, tmp_path):
     blob = casync_archive("blob1m")
     cache = tmp_path / "cache"

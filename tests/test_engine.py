@@ -158,6 +158,75 @@ async def test_a_chunk_no_store_answered_in_time_names_the_stores_asked():
         await eng.get(a, len(da))
 
 
+class Portal(Store):
+    """Answers every chunk but those it ``serves`` with an HTML page, as a
+    captive portal or a proxy's error page would, 200 OK."""
+
+    def __init__(self, chunks, serves=()):
+        super().__init__("portal", chunks)
+        self.serves = set(serves)
+
+    async def fetch(self, cid, priority=None, others_left=False, held=None):
+        if cid in self.serves:
+            return await super().fetch(cid, priority, others_left, held)
+        if held is not None:
+            held()
+        self.calls.append(cid)
+        return b"<html><body>Please log in</body></html>", False
+
+
+async def test_a_store_whose_copies_keep_failing_verification_is_set_aside(caplog):
+    from cafuse.engine import CORRUPT_IN_A_ROW
+    chunks = [chunk(n) for n in range(20)]
+    only = chunk(20)
+    portal = Portal(chunks + [only], serves=[only[0]])
+    eng = engine([portal, Store("mirror", chunks)])
+    with caplog.at_level(logging.WARNING, logger="cafuse"):
+        for c in chunks:
+            assert await eng.get(*_want(c)) == c[1]
+        assert len(portal.calls) == CORRUPT_IN_A_ROW
+        assert await eng.get(*_want(only)) == only[1]  # its last try: none other has it
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [
+        f"chunk {chunks[0][0].hex()}: 39 bytes, index says 1000 (portal); served by mirror "
+        "instead",
+        f"{CORRUPT_IN_A_ROW} answers in a row did not match their chunk ids; setting store "
+        "portal aside for 60 s"]
+
+
+async def test_a_store_whose_copies_fail_again_on_its_return_is_set_aside_for_longer(caplog):
+    chunks = [chunk(n) for n in range(6)]
+    eng = ChunkEngine([Portal(chunks), Store("mirror", chunks)], "sha256", backoff=0.05)
+    with caplog.at_level(logging.WARNING, logger="cafuse"), trio.fail_after(2):
+        for c in chunks[:3]:
+            assert await eng.get(*_want(c)) == c[1]
+        while not eng._far_stores[0].available():
+            await trio.sleep(0.01)
+        for c in chunks[3:]:
+            assert await eng.get(*_want(c)) == c[1]
+    assert caplog.records[-1].getMessage().endswith("setting store portal aside for 0.1 s")
+
+
+async def test_a_stores_corrupt_copies_are_warned_of_once_then_counted(caplog, monkeypatch):
+    from cafuse import engine as engine_module
+    monkeypatch.setattr(engine_module, "CORRUPT_WARN_EVERY", 0.5)
+    chunks = [chunk(n) for n in range(11)]
+    # Every other copy is good: never enough in a row to set it aside.
+    flaky = Portal(chunks, serves=[cid for cid, _d in chunks[1::2]])
+    eng = engine([flaky, Store("mirror", chunks)])
+    with caplog.at_level(logging.WARNING, logger="cafuse"):
+        for c in chunks[:-1]:
+            assert await eng.get(*_want(c)) == c[1]
+        await trio.sleep(0.5)
+        assert await eng.get(*_want(chunks[-1])) == chunks[-1][1]
+    assert len(flaky.calls) == len(chunks)        # never set aside
+    assert [r.getMessage() for r in caplog.records] == [
+        f"chunk {chunks[0][0].hex()}: 39 bytes, index says 1000 (portal); served by mirror "
+        "instead",
+        f"chunk {chunks[-1][0].hex()}: 39 bytes, index says 1000 (portal); served by mirror "
+        "instead (4 more from portal since the last warning)"]
+
+
 async def test_a_store_whose_name_begins_the_problem_is_still_named():
     (x, dx), = [chunk(1)]
     eng = engine([Staggered([(x, dx)], {}, corrupt=x, name="7")])
