@@ -1274,6 +1274,10 @@ class ChunkEngine:
             self._put_deferred()
 
     async def aclose(self) -> None:
+        for store, (_last, untold) in self._corrupt_told.items():
+            if untold:
+                log.warning("%d more copies from %s did not match their chunk ids since the "
+                            "last warning; other stores served those chunks", untold, store)
         for state in self._near_stores + self._far_stores:
             await state.store.aclose()
         for seed in self.seeds:

@@ -227,6 +227,19 @@ async def test_a_stores_corrupt_copies_are_warned_of_once_then_counted(caplog, m
         "instead (4 more from portal since the last warning)"]
 
 
+async def test_corrupt_copies_left_untold_are_counted_at_the_close(caplog):
+    chunks = [chunk(n) for n in range(5)]
+    flaky = Portal(chunks, serves=[cid for cid, _d in chunks[1::2]])
+    eng = engine([flaky, Store("mirror", chunks)])
+    with caplog.at_level(logging.WARNING, logger="cafuse"):
+        for c in chunks:
+            assert await eng.get(*_want(c)) == c[1]
+        await eng.aclose()
+    assert [r.getMessage() for r in caplog.records][1:] == [
+        "2 more copies from portal did not match their chunk ids since the last warning; "
+        "other stores served those chunks"]
+
+
 async def test_a_store_whose_name_begins_the_problem_is_still_named():
     (x, dx), = [chunk(1)]
     eng = engine([Staggered([(x, dx)], {}, corrupt=x, name="7")])
