@@ -11,7 +11,7 @@ import math
 import select
 import ssl
 from dataclasses import dataclass
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, quote_from_bytes, urljoin, urlsplit
 
 import h11
 import trio
@@ -26,6 +26,9 @@ _READ_SIZE = 256 * 1024
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 MAX_REDIRECTS = 5
 MAX_ORIGINS = 8   # other origins a client keeps connections to, for redirects
+# What stays as it is in a request target; anything else (a space, a byte
+# of UTF-8) is percent-encoded, as curl does (RFC 3986 §2.1).
+_URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
 
 
 class HTTPError(CafuseError):
@@ -81,6 +84,10 @@ class _Progress:
     it is at (redirects move it)."""
 
     def __init__(self, url: str):
+        self.moved(url)
+
+    def moved(self, url: str) -> None:
+        """A new request, to ``url``."""
         self.url = url
         self.length: int | None = None   # the body's, once the head is in
         self.got = -1                    # body bytes in; -1 before the head
@@ -117,15 +124,15 @@ class _Connection:
 
     async def get(self, host: str, target: str, headers, max_body: int,
                   progress: _Progress) -> Response:
-        request = h11.Request(method="GET", target=target,
+        request = h11.Request(method="GET", target=quote(target, safe=_URL_SAFE),
                               headers=[("Host", host), *headers])
         # One write for the head and the (empty) end of the message.
         await self.stream.send_all(self.h11.send(request) + self.h11.send(h11.EndOfMessage()))
         response = await self._next_event()
         while isinstance(response, h11.InformationalResponse):  # 1xx: the answer follows
             response = await self._next_event()
-        coding = _header(response, b"content-encoding")
-        if coding not in (None, b"identity") and 200 <= response.status_code < 300:
+        coding = (_header(response, b"content-encoding") or b"identity").strip().lower()
+        if coding != b"identity" and 200 <= response.status_code < 300:
             raise _Unwanted(f"in the content coding {coding.decode('latin-1')}, "
                             f"not as it is (identity)")
         progress.length, progress.got = _content_length(response), 0
@@ -249,14 +256,20 @@ class Client:
                 if hops > MAX_REDIRECTS:
                     raise HTTPError(f"{progress.url}: more than {MAX_REDIRECTS} redirects",
                                     False)
-                progress.url = urljoin(progress.url, location)
-                response = await self._redirected(progress)
+                response = await self._redirected(progress, location)
             return response
         raise HTTPError(f"{progress.url}: {progress.timed_out(timeout)}", True, began)
 
-    async def _redirected(self, progress: _Progress) -> Response:
-        """GET ``progress.url``, on this origin or another."""
-        parts = urlsplit(progress.url)
+    async def _redirected(self, progress: _Progress, location: str) -> Response:
+        """GET where ``location`` points from ``progress.url``, on this
+        origin or another."""
+        try:
+            url = urljoin(progress.url, location)
+            parts = urlsplit(url)
+        except ValueError as e:  # a bad IPv6 literal
+            raise HTTPError(f"{progress.url}: redirected to {location}, not a valid URL "
+                            f"({e})", False) from None
+        progress.moved(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         origin = f"{parts.scheme}://{parts.netloc}"
         if origin == f"{self.scheme}://{self.host_header}":
@@ -285,12 +298,15 @@ class Client:
                 response = await conn.get(self.host_header, target,
                                           self.headers, self.max_body, progress)
             except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError,
-                    OSError, h11.ProtocolError) as e:
+                    OSError, h11.RemoteProtocolError) as e:
                 await _close_quietly(conn)
                 if conn.reused and isinstance(e, (_Closed, trio.BrokenResourceError,
-                                                  h11.ProtocolError)):
+                                                  h11.RemoteProtocolError)):
                     continue  # a stale keep-alive connection: try a fresh one
                 raise HTTPError(f"{progress.url}: {_describe(e)}", True) from None
+            except h11.LocalProtocolError as e:  # the URL, not the server
+                await _close_quietly(conn)
+                raise HTTPError(f"{progress.url}: cannot be asked for: {e}", False) from None
             except _Unwanted as e:
                 await _close_quietly(conn)
                 raise HTTPError(f"{progress.url}: the answer {e}", False) from None
@@ -357,7 +373,7 @@ def _content_length(response: h11.Response) -> int | None:
 def _location(response: Response) -> str | None:
     """Where a redirect points, if ``response`` is one."""
     value = _header(response, b"location") if response.status in REDIRECTS else None
-    return None if value is None else value.decode("latin-1")
+    return None if value is None else quote_from_bytes(value, safe=_URL_SAFE)
 
 
 async def _close_quietly(conn):
@@ -381,7 +397,7 @@ def _describe(error: BaseException) -> str:
         return f"TLS certificate verify failed: {error.verify_message}"
     if isinstance(error, _Closed):
         return "connection closed before the response was complete"
-    if isinstance(error, h11.ProtocolError):
+    if isinstance(error, h11.RemoteProtocolError):
         return f"malformed answer: {error}"
     if isinstance(error, OSError) and error.strerror:
         return error.strerror

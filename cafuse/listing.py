@@ -11,7 +11,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 def quote(name: bytes) -> str:
     """``name`` as one printable line: bytes that are not valid UTF-8,
-    control characters and backslashes are escaped as ``\\xNN`` / ``\\\\``."""
+    control characters and backslashes are escaped as ``\\xNN`` / ``\\\\``,
+    other characters that do not print as ``\\uNNNN`` or ``\\UNNNNNNNN``
+    (as Python writes them)."""
     out = []
     for ch in name.decode("utf-8", "surrogateescape"):
         code = ord(ch)
@@ -20,7 +22,8 @@ def quote(name: bytes) -> str:
         elif ch == "\\":
             out.append("\\\\")
         elif not ch.isprintable():
-            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
         else:
             out.append(ch)
     return "".join(out)

@@ -63,8 +63,11 @@ def _errors_as_eio(what):
         yield
     except CafuseError as e:
         line = f"{what}: {e}"
-        log.log(logging.DEBUG if line in _logged else logging.ERROR, "%s", line)
-        _logged[line] = True
+        if line in _logged:
+            log.debug("%s", line)
+        else:
+            log.error("%s", line)
+            _logged[line] = True
         raise FuseError(errno.EIO) from None
 
 

@@ -382,9 +382,12 @@ def test_a_mirror_that_serves_every_chunk_wrong_costs_a_few_lines_not_one_per_ch
                                blob.index], capture_output=True, timeout=120)
     assert done.returncode == 0 and done.stdout == blob.tree.read_bytes()
     lines = done.stderr.decode().splitlines()
-    assert chunks > 40 and len(lines) == 2, done.stderr
+    assert chunks > 40 and len(lines) == 3, done.stderr
     # The first copy served by the next store (whichever that is) and the
-    # set-aside, in either order.
+    # set-aside, in either order, then the count of the copies held back.
+    assert re.fullmatch(f"cafuse: WARNING: \\d+ more copies from {re.escape(bad.url)} did not "
+                        "match their chunk ids since the last warning; other stores served "
+                        "those chunks", lines[2]), lines
     assert ("cafuse: WARNING: 3 answers in a row did not match their chunk ids; setting "
             f"store {bad.url} aside for 5 s") in lines, lines
     corrupt = (f"cafuse: WARNING: chunk [0-9a-f]{{64}}: [^\n]* \\({re.escape(bad.url)}\\); "

@@ -5,6 +5,7 @@ import errno
 import os
 import struct
 
+import cachetools
 import pytest
 import trio
 
@@ -218,9 +219,12 @@ def test_a_listing_someone_waits_for_is_urgent_and_readahead_is_not(casync_archi
     assert listing == {True} and readahead == {False}
 
 
-def test_a_read_that_fails_is_logged_once_naming_the_file(casync_archive, caplog):
-    # The kernel asks again at once for a page whose read failed.
+def test_a_read_that_fails_is_logged_once_naming_the_file(casync_archive, caplog, monkeypatch):
+    # The kernel asks again at once for a page whose read failed; a read
+    # that keeps failing is told again 2 s after it last was.
     made = casync_archive("full")
+    now = [0.0]
+    monkeypatch.setattr(mount, "_logged", cachetools.TTLCache(64, 2.0, timer=lambda: now[0]))
 
     async def check():
         inp, fs = await tree_fs(made)
@@ -234,12 +238,14 @@ def test_a_read_that_fails_is_logged_once_naming_the_file(casync_archive, caplog
         fs.stream.read_cached = lambda offset, size: None
         fs.stream.read = failing
         failed = []
-        for _ in range(2):
+        for at in (0.0, 0.1, 1.5, 2.5):
+            now[0] = at
             with pytest.raises(FuseError) as e:
                 await answer(fs.read, request(proto.READ, node, readdir_body(0, size=4096)))
             failed.append(e.value.errno)
         await inp.aclose()
         return failed
-    assert trio.run(check) == [errno.EIO, errno.EIO]
+    assert trio.run(check) == [errno.EIO] * 4
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert errors == ["read of /dir/sub/deep.txt, bytes 0..5: chunk 00: missing from every store"]
+    told = "read of /dir/sub/deep.txt, bytes 0..5: chunk 00: missing from every store"
+    assert errors == [told, told]  # at 0 s and 2.5 s

@@ -290,3 +290,65 @@ async def test_a_retry_waits_as_long_as_the_server_asks_up_to_the_timeout():
         assert await fetch_with_retries(c, "x", opts, missing_ok=False) == (b"ok", True)
         assert trio.current_time() - start >= 1.0
         n.cancel_scope.cancel()
+
+
+def answering_targets(seen):
+    """A server that redirects /start to what ``seen[0]`` says (raw bytes)
+    and answers any other target with its own name."""
+    async def handler(stream):
+        while request := await read_request(stream):
+            target = request.split(b" ")[1]
+            seen.append(target)
+            if target.endswith(b"/start"):
+                await stream.send_all(b"HTTP/1.1 302 Found\r\nLocation: " + seen[0]
+                                      + b"\r\nContent-Length: 0\r\n\r\n")
+            else:
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n"
+                                      % len(target) + target)
+    return handler
+
+
+async def test_a_location_and_a_url_that_are_not_ascii_are_asked_for_percent_encoded():
+    # As curl does: servers do send raw UTF-8 and spaces in Location.
+    async with trio.open_nursery() as n:
+        for location, asked in ((b"/f\xc3\xa9 x", b"/f%C3%A9%20x"), (b"/a%20b", b"/a%20b")):
+            seen = [location]
+            c = Client(await serve(n, answering_targets(seen)))
+            assert (await c.get("start")).body == asked
+        seen = [b"-"]
+        c = Client(await serve(n, answering_targets(seen)) + "/d\u00e9")
+        assert (await c.get("x y")).body == b"/d%C3%A9/x%20y"
+        n.cancel_scope.cancel()
+
+
+async def test_a_redirect_to_an_invalid_url_is_an_error_not_a_retry():
+    async with trio.open_nursery() as n:
+        c = Client(await serve(n, answering_targets([b"http://[::1/x"])))
+        with pytest.raises(HTTPError, match=r"redirected to http://\[::1/x, not a valid URL") \
+                as e:
+            await c.get("start")
+        assert not e.value.retryable
+        n.cancel_scope.cancel()
+
+
+async def test_a_redirect_whose_target_never_answers_says_no_answer():
+    async def silent(stream):
+        await trio.sleep(5)
+    async with trio.open_nursery() as n:
+        elsewhere = await serve(n, silent)
+        c = Client(await serve(n, answering_targets([f"{elsewhere}/hang".encode()])))
+        with pytest.raises(HTTPError, match=r"/hang: no answer within 0.3 s$"):
+            await c.get_in_slot("start", timeout=0.3)
+        await c.aclose()
+        n.cancel_scope.cancel()
+
+
+async def test_content_coding_names_are_told_apart_whatever_their_case():
+    async def identity(stream):  # RFC 9110 §8.4.1: case-insensitive
+        while await read_request(stream):
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Encoding: Identity\r\n"
+                                  b"Content-Length: 2\r\n\r\nok")
+    async with trio.open_nursery() as n:
+        c = Client(await serve(n, identity))
+        assert (await c.get("x")).body == b"ok"
+        n.cancel_scope.cancel()

@@ -9,6 +9,7 @@ import trio
 
 from cafuse import acl, catar
 from cafuse.errors import FormatError
+from cafuse.listing import quote
 
 import oracle
 from reading import open_made
@@ -223,3 +224,10 @@ def test_concurrent_lookups_share_a_failed_table_check(casync_archive, monkeypat
         await inp.aclose()
         return took
     assert max(trio.run(check)) < 0.6              # one check, not four in turn
+
+
+def test_names_that_do_not_print_are_escaped_so_that_no_two_look_alike():
+    assert quote(b"a\\b\x01\xff") == "a\\\\b\\x01\\xff"
+    assert quote("\u200b".encode()) == "\\u200b"
+    assert quote("\U000f0000".encode()) == "\\U000f0000"
+    assert quote("\uf000".encode() + b"0") == "\\uf0000"
