@@ -29,6 +29,9 @@ MAX_ORIGINS = 8   # other origins a client keeps connections to, for redirects
 # What stays as it is in a request target; anything else (a space, a byte
 # of UTF-8) is percent-encoded, as curl does (RFC 3986 §2.1).
 _URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
+# An answer's head, at most: h11's default of 16 KiB is less than some CDNs
+# send (cookies, security policies).
+MAX_HEAD = 64 * 1024
 
 
 class HTTPError(CafuseError):
@@ -119,7 +122,7 @@ def _cut(response: h11.Response, why: str) -> Response:
 class _Connection:
     def __init__(self, stream: trio.abc.Stream):
         self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.reused = False
 
     async def get(self, host: str, target: str, headers, max_body: int,
@@ -397,6 +400,8 @@ def _describe(error: BaseException) -> str:
         return f"TLS certificate verify failed: {error.verify_message}"
     if isinstance(error, _Closed):
         return "connection closed before the response was complete"
+    if isinstance(error, h11.RemoteProtocolError) and error.error_status_hint == 431:
+        return f"the answer's head is longer than {MAX_HEAD} bytes"
     if isinstance(error, h11.RemoteProtocolError):
         return f"malformed answer: {error}"
     if isinstance(error, OSError) and error.strerror:

@@ -352,3 +352,17 @@ async def test_content_coding_names_are_told_apart_whatever_their_case():
         c = Client(await serve(n, identity))
         assert (await c.get("x")).body == b"ok"
         n.cancel_scope.cancel()
+
+
+async def test_a_long_head_is_taken_and_a_far_too_long_one_named():
+    async def long_head(stream):
+        request = await read_request(stream)
+        size = int(request.split(b" ")[1].strip(b"/"))
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nX-Policy: " + b"p" * size
+                              + b"\r\nContent-Length: 2\r\n\r\nok")
+    async with trio.open_nursery() as n:
+        c = Client(await serve(n, long_head))
+        assert (await c.get("20000")).body == b"ok"   # a CDN's cookies and policies
+        with pytest.raises(HTTPError, match="the answer's head is longer than 65536 bytes"):
+            await c.get("100000")
+        n.cancel_scope.cancel()
