@@ -16,7 +16,7 @@ from .daemon import (MountRequest, check_mountpoint, run_background, run_foregro
                      unmount)
 from .diskcache import DiskCache, default_dir
 from .errors import CafuseError, FormatError, UsageError
-from .http import TLSOptions
+from .http import TLSOptions, shown
 from .inputs import (DEFAULT_CACHE_BYTES, Input, Options, default_store, index_kind,
                      is_catar, kind_doubt, open_input, read_index)
 from .listing import long_line, quote, size_text, timestamp
@@ -340,7 +340,7 @@ async def cmd_cat(args) -> None:
         if inp.is_tree:
             offset, size = await _file_range(inp, args.path)
         elif args.path:
-            raise UsageError(f"{args.index}: a blob index holds one blob; "
+            raise UsageError(f"{shown(args.index)}: a blob index holds one blob; "
                              f"PATH '{args.path}' is not allowed")
         else:
             offset, size = 0, inp.source.size
@@ -442,7 +442,7 @@ async def cmd_prefetch(args) -> None:
         raise UsageError("prefetch fills the disk cache; it cannot run with --no-cache")
     async with opened(args) as inp:
         if inp.index is None:
-            raise UsageError(f"{args.index}: a local .catar needs no prefetch")
+            raise UsageError(f"{shown(args.index)}: a local .catar needs no prefetch")
         report = await prefetch(inp.index, inp.source.engine, sys.stderr)
     _print(*report)
 
@@ -566,7 +566,7 @@ def _exit_status(error: BaseException, index: str | None) -> int:
             return 128 + stopping_signal()
     for leaf in leaves:
         if isinstance(leaf, FormatError) and leaf.source is None and index:
-            return _fail(f"{index}: {leaf}")
+            return _fail(f"{shown(index)}: {leaf}")
         if isinstance(leaf, CafuseError):
             return _fail(leaf)
     for leaf in leaves:

@@ -21,6 +21,7 @@ import trio
 from .archive import Archive
 from . import fusesession
 from .errors import CafuseError, FormatError, UsageError, first_error
+from .http import shown
 from .inputs import Input, Options, open_input
 from .mount import INIT_FLAGS, BlobFS, TreeFS
 from .mountinfo import canonical, device_of, mount_at
@@ -96,7 +97,7 @@ async def serve(request: MountRequest, ready) -> None:
     inp = await open_input(request.index, request.options)
     if inp.index is None:
         await inp.aclose()
-        raise UsageError(f"{request.index}: mount takes a .caidx or .caibx index")
+        raise UsageError(f"{shown(request.index)}: mount takes a .caidx or .caibx index")
     try:
         fs = await build_fs(inp)
         options = ["ro", "default_permissions", f"subtype={SUBTYPE}",
@@ -154,7 +155,7 @@ async def _stop_on_signal(background: _Background, scope: trio.CancelScope):
 
 
 def run_foreground(request: MountRequest) -> None:
-    trio.run(serve, request, lambda: log.info("mounted %s on %s", request.index,
+    trio.run(serve, request, lambda: log.info("mounted %s on %s", shown(request.index),
                                               request.mountpoint))
 
 

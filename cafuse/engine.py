@@ -821,10 +821,11 @@ class ChunkEngine:
         return error
 
     def _remember_failure(self, chunk_id, priority, error):
-        """Only for a chunk a reader waits for: readahead may run out of
-        its deadline queued behind readers, which says nothing of the
-        store."""
-        if priority.urgent:
+        """Only for a chunk a reader waited for all along: readahead may
+        run out of its deadline queued behind readers, which says nothing
+        of the store, also when a reader came to wait for it at the end
+        (that reader tries again within its own deadline)."""
+        if priority.from_start:
             self._failed.expire()
             self._failed[chunk_id] = error
 

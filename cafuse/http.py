@@ -7,11 +7,12 @@ This module keeps only what chunk fetching needs: GET, keep-alive
 connections per origin, TLS, extra headers, redirects, a bounded body size.
 """
 
+import base64
 import math
 import select
 import ssl
 from dataclasses import dataclass
-from urllib.parse import quote, quote_from_bytes, urljoin, urlsplit
+from urllib.parse import quote, quote_from_bytes, unquote, urljoin, urlsplit, urlunsplit
 
 import h11
 import trio
@@ -29,8 +30,8 @@ MAX_ORIGINS = 8   # other origins a client keeps connections to, for redirects
 # What stays as it is in a request target; anything else (a space, a byte
 # of UTF-8) is percent-encoded, as curl does (RFC 3986 §2.1).
 _URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
-# An answer's head, at most: h11's default of 16 KiB is less than some CDNs
-# send (cookies, security policies).
+# An answer's head, at most (h11 checks it while the head is incomplete):
+# its default of 16 KiB is less than some CDNs send (cookies, policies).
 MAX_HEAD = 64 * 1024
 
 
@@ -87,9 +88,9 @@ class _Progress:
     it is at (redirects move it)."""
 
     def __init__(self, url: str):
-        self.moved(url)
+        self.begin(url)
 
-    def moved(self, url: str) -> None:
+    def begin(self, url: str) -> None:
         """A new request, to ``url``."""
         self.url = url
         self.length: int | None = None   # the body's, once the head is in
@@ -125,10 +126,9 @@ class _Connection:
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.reused = False
 
-    async def get(self, host: str, target: str, headers, max_body: int,
-                  progress: _Progress) -> Response:
+    async def get(self, target: str, headers, max_body: int, progress: _Progress) -> Response:
         request = h11.Request(method="GET", target=quote(target, safe=_URL_SAFE),
-                              headers=[("Host", host), *headers])
+                              headers=headers)
         # One write for the head and the (empty) end of the message.
         await self.stream.send_all(self.h11.send(request) + self.h11.send(h11.EndOfMessage()))
         response = await self._next_event()
@@ -202,7 +202,9 @@ class Client:
     closed (or broke) is retried once on a fresh one; any other failure
     raises HTTPError, and so does a body larger than ``max_body``.
     Redirects are followed, to other origins too, which get no extra
-    ``headers`` (they may hold credentials for this one).
+    ``headers`` (they may hold credentials for this one), nor the user and
+    password of ``base_url``, which are sent as Basic authentication (as
+    curl does).  ``headers`` replace the client's own of the same name.
     """
 
     def __init__(self, base_url: str, max_connections: int = 8,
@@ -222,8 +224,13 @@ class Client:
         self.base_path = parts.path.rstrip("/")
         # Without Accept-Encoding any coding is acceptable (RFC 9110 §12.5.3),
         # and a server may gzip what is already compressed.
-        self.headers = [("User-Agent", "cafuse"), ("Accept-Encoding", "identity"),
-                        *(headers or {}).items()]
+        own = [("Host", self.host_header), ("User-Agent", "cafuse"),
+               ("Accept-Encoding", "identity")]
+        if parts.username is not None:
+            own.append(("Authorization", _basic(parts.username, parts.password or "")))
+        given = {name.lower() for name in headers or {}}
+        self.headers = [(name, value) for name, value in own
+                        if name.lower() not in given] + list((headers or {}).items())
         self.max_body = max_body
         self._tls_options = tls or TLSOptions()
         self._tls = self._tls_options.context() if self.scheme == "https" else None
@@ -272,7 +279,7 @@ class Client:
         except ValueError as e:  # a bad IPv6 literal
             raise HTTPError(f"{progress.url}: redirected to {location}, not a valid URL "
                             f"({e})", False) from None
-        progress.moved(url)
+        progress.begin(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         origin = f"{parts.scheme}://{parts.netloc}"
         if origin == f"{self.scheme}://{self.host_header}":
@@ -294,12 +301,12 @@ class Client:
 
     async def _get(self, target: str, progress: _Progress) -> Response:
         for attempt in range(2):
+            progress.begin(progress.url)
             # After a stale idle connection, the others are likely stale too.
             conn = await self._idle_connection() if not attempt else None
             conn = conn or await self._connect()
             try:
-                response = await conn.get(self.host_header, target,
-                                          self.headers, self.max_body, progress)
+                response = await conn.get(target, self.headers, self.max_body, progress)
             except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError,
                     OSError, h11.RemoteProtocolError) as e:
                 await _close_quietly(conn)
@@ -359,6 +366,22 @@ class Client:
         elsewhere, self._elsewhere = self._elsewhere, {}
         for client in elsewhere.values():
             await client.aclose()
+
+
+def shown(url: str) -> str:
+    """``url`` without its user and password, for messages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _basic(user: str, password: str) -> str:
+    pair = f"{unquote(user)}:{unquote(password)}".encode()
+    return "Basic " + base64.b64encode(pair).decode("ascii")
 
 
 def _header(response, wanted: bytes) -> bytes | None:

@@ -17,7 +17,7 @@ from .archive import Archive
 from .diskcache import DiskCache, default_dir
 from .engine import DEFAULT_MEMORY_BYTES, ChunkEngine
 from .errors import CafuseError, FormatError
-from .http import Client
+from .http import Client, shown
 from .index import Index
 from .seed import Seed
 from .store import HTTPOptions, fetch_with_retries, is_url, open_store
@@ -86,7 +86,7 @@ async def read_index(spec: str, http: HTTPOptions) -> Index:
         data, _ = await fetch_with_retries(client, name, http, missing_ok=False)
     finally:
         await client.aclose()
-    return _parse(spec, data)
+    return _parse(shown(spec), data)
 
 
 def _split_url(url: str) -> tuple[str, str]:
@@ -154,7 +154,8 @@ def default_store(index_spec: str) -> str:
     if os.environ.get("CASYNC_STORE"):
         return os.environ["CASYNC_STORE"]
     if is_url(index_spec):
-        return _split_url(index_spec)[0] + "/" + DEFAULT_STORE
+        # A ';' in its directory is no parameter (a store URL is cut there).
+        return _split_url(index_spec)[0].replace(";", "%3B") + "/" + DEFAULT_STORE
     return os.path.join(os.path.dirname(index_spec) or ".", DEFAULT_STORE)
 
 

@@ -16,10 +16,11 @@ import trio
 
 class Priority:
     """The priority of one load (of one or more requests): urgent, or not
-    until ``make_urgent``."""
+    until ``make_urgent``; ``from_start`` tells whether it was urgent for
+    all its life."""
 
     def __init__(self, urgent: bool = True):
-        self.urgent = urgent
+        self.urgent = self.from_start = urgent
         self._waiting: list[tuple["Slots", trio.Event]] = []
 
     def make_urgent(self) -> None:

@@ -17,7 +17,7 @@ import trio
 
 from .chunk import compressed_bound
 from .errors import CafuseError
-from .http import Client, HTTPError, TLSOptions
+from .http import Client, HTTPError, TLSOptions, shown
 from .index import CHUNK_SIZE_LIMIT
 from .slots import Priority
 
@@ -83,7 +83,7 @@ class HTTPStore:
                              options.tls, max_body=compressed_bound(largest_chunk))
 
     def __str__(self) -> str:
-        return self.url
+        return shown(self.url)
 
     async def fetch(self, chunk_id: bytes, priority: Priority | None = None,
                     others_left: bool = False, held=None) -> tuple[bytes, bool] | None:
