@@ -1494,20 +1494,33 @@ def _corrupting(store):
     return corrupting
 
 
-async def test_readahead_that_ran_out_of_time_behind_readers_is_not_remembered():
+@pytest.mark.parametrize("joined", [False, True])
+async def test_readahead_that_ran_out_of_time_behind_readers_is_not_remembered(joined):
+    # Queued behind two readers: 0.6 s before its turn, 0.7 s to live.  A
+    # reader who comes for it at 0.65 s (``joined``: it is urgent from then
+    # on) tries again within its own deadline.
     (r1, d1), (r2, d2), (a, da) = chunk(1), chunk(2), chunk(3)
     store = OneLineStore("s", [(r1, d1), (r2, d2), (a, da)], delay=0.3)
     eng = engine([store], deadline=0.7)
+    got = []
+
+    async def reader():
+        await trio.sleep(0.65)
+        got.append(await eng.get(a, len(da)))
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(eng.get, r1, len(d1))
         nursery.start_soon(eng.get, r2, len(d2))
         with trio.fail_after(2):
             while len(store.asked) < 2:
                 await trio.sleep(0.005)
-        # Queued behind two readers: 0.6 s before its turn, 0.7 s to live.
+        if joined:
+            nursery.start_soon(reader)
         with pytest.raises(ChunkError, match="not delivered"):
             await eng.get_many([(a, len(da))], urgent=False)
-    assert await eng.get(a, len(da)) == da  # asked again, not failed at once
+    if not joined:
+        got.append(await eng.get(a, len(da)))  # asked again, not failed at once
+    assert got == [da]
 
 
 async def test_hung_local_loads_do_not_take_the_threads_that_decoding_needs():
@@ -2374,31 +2387,3 @@ async def test_chunks_still_to_be_decoded_are_cached_when_their_load_fails(tmp_p
     await eng.aclose()
     assert cached(tmp_path).present([cid for cid, _ in good]) == {cid for cid, _ in good}
 
-
-async def test_a_reader_who_joins_readahead_late_is_not_failed_by_its_deadline():
-    # Readahead of ``a`` queued behind two reads (its turn at 0.6 s, its
-    # deadline at 0.7 s); a reader comes for ``a`` at 0.65 s.  The store is
-    # fine: the readahead running out of time says nothing of it, and the
-    # reader gets ``a`` within its own deadline.
-    (r1, d1), (r2, d2), (a, da) = chunk(1), chunk(2), chunk(3)
-    store = OneLineStore("s", [(r1, d1), (r2, d2), (a, da)], delay=0.3)
-    eng = engine([store], deadline=0.7)
-    got = []
-
-    async def readahead():
-        with contextlib.suppress(ChunkError):
-            await eng.get_many([(a, len(da))], urgent=False)
-
-    async def reader():
-        await trio.sleep(0.65)
-        got.append(await eng.get(a, len(da)))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(eng.get, r1, len(d1))
-        nursery.start_soon(eng.get, r2, len(d2))
-        with trio.fail_after(2):
-            while len(store.asked) < 2:
-                await trio.sleep(0.005)
-        nursery.start_soon(readahead)
-        nursery.start_soon(reader)
-    assert got == [da]

@@ -372,16 +372,20 @@ async def test_a_long_head_is_taken_and_a_far_too_long_one_named():
         n.cancel_scope.cancel()
 
 
-async def test_a_user_and_password_in_the_url_are_sent_as_basic_auth_and_never_shown():
-    # As casync (curl) does: http://user:pw@host/... behind auth_basic.
-    heads = []
-
-    async def recording(stream):
+def recording(heads):
+    """A server that answers "ok" to every request, keeping their heads."""
+    async def handler(stream):
         while request := await read_request(stream):
             heads.append(request.lower())
             await stream.send_all(RESP)
+    return handler
+
+
+async def test_a_user_and_password_in_the_url_are_sent_as_basic_auth_and_never_shown():
+    # As casync (curl) does: http://user:pw@host/... behind auth_basic.
+    heads = []
     async with trio.open_nursery() as n:
-        url = (await serve(n, recording)).replace("http://", "http://us%40er:s3cret@")
+        url = (await serve(n, recording(heads))).replace("http://", "http://us%40er:s3cret@")
         assert (await Client(url + "/store").get("x")).body == b"ok"
         store = HTTPStore(url + "/store", HTTPOptions())
         n.cancel_scope.cancel()
@@ -392,13 +396,8 @@ async def test_a_user_and_password_in_the_url_are_sent_as_basic_auth_and_never_s
 
 async def test_a_header_given_replaces_the_clients_own_of_that_name():
     heads = []
-
-    async def recording(stream):
-        while request := await read_request(stream):
-            heads.append(request.lower())
-            await stream.send_all(RESP)
     async with trio.open_nursery() as n:
-        c = Client(await serve(n, recording), headers={"host": "example.com",
+        c = Client(await serve(n, recording(heads)), headers={"host": "example.com",
                                                         "User-Agent": "mine"})
         assert (await c.get("x")).body == b"ok"
         n.cancel_scope.cancel()
