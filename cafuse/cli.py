@@ -247,13 +247,14 @@ def _add_sources(parser, index_help=INDEX_HELP + ", or a .catar file"):
 
 
 def http_options(args) -> HTTPOptions:
-    headers = list(args.header)
+    headers = []  # those of the command line last: they win
     for number, line in enumerate(os.environ.get("CAFUSE_HTTP_HEADERS", "").splitlines(), 1):
         if line.strip():
             try:
                 headers.append(parse_header(line))
             except argparse.ArgumentTypeError as e:
                 raise UsageError(f"$CAFUSE_HTTP_HEADERS, line {number}: {e}") from None
+    headers += args.header
     tls = TLSOptions(args.ca_file, args.client_cert, args.client_key, args.insecure)
     return HTTPOptions(connections=args.connections, timeout=args.timeout,
                        retries=args.retries, headers=tuple(headers), tls=tls)

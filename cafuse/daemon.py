@@ -101,7 +101,7 @@ async def serve(request: MountRequest, ready) -> None:
     try:
         fs = await build_fs(inp)
         options = ["ro", "default_permissions", f"subtype={SUBTYPE}",
-                   f"fsname={request.index}", *request.fuse_options]
+                   f"fsname={shown(request.index)}", *request.fuse_options]
         mount = fusesession.Mount(request.mountpoint, options)
         try:
             session = fusesession.Session(mount.fd, fs.handlers(), INIT_FLAGS)

@@ -9,10 +9,11 @@ connections per origin, TLS, extra headers, redirects, a bounded body size.
 
 import base64
 import math
+import re
 import select
 import ssl
 from dataclasses import dataclass
-from urllib.parse import quote, quote_from_bytes, unquote, urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, quote_from_bytes, unquote_to_bytes, urljoin, urlsplit
 
 import h11
 import trio
@@ -202,35 +203,39 @@ class Client:
     closed (or broke) is retried once on a fresh one; any other failure
     raises HTTPError, and so does a body larger than ``max_body``.
     Redirects are followed, to other origins too, which get no extra
-    ``headers`` (they may hold credentials for this one), nor the user and
-    password of ``base_url``, which are sent as Basic authentication (as
-    curl does).  ``headers`` replace the client's own of the same name.
+    ``headers`` (they may hold credentials for this one), nor ``auth``,
+    the Authorization of the user and password of ``base_url`` (sent as
+    Basic authentication, as curl does).  ``headers`` (a dict or pairs)
+    replace the client's own of the same name, and a later one an earlier.
     """
 
-    def __init__(self, base_url: str, max_connections: int = 8,
-                 headers: dict[str, str] | None = None,
-                 tls: TLSOptions | None = None, max_body: int = 256 << 20):
+    def __init__(self, base_url: str, max_connections: int = 8, headers=(),
+                 tls: TLSOptions | None = None, max_body: int = 256 << 20,
+                 auth: str | None = None):
+        base_url, found = split_credentials(base_url)
+        auth = auth or found
         try:
             parts = urlsplit(base_url)
-            port = parts.port
+            self.origin = _origin(parts)
         except ValueError as e:  # a bad IPv6 literal, a port out of range
             raise CafuseError(f"{base_url}: not a valid URL ({e})") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise CafuseError(f"{base_url}: not an http(s) URL")
         self.scheme = parts.scheme
         self.hostname = parts.hostname
-        self.port = port or (443 if parts.scheme == "https" else 80)
-        self.host_header = parts.netloc.rpartition("@")[2]
+        self.port = self.origin[2]
+        self.host_header = parts.netloc
         self.base_path = parts.path.rstrip("/")
         # Without Accept-Encoding any coding is acceptable (RFC 9110 §12.5.3),
         # and a server may gzip what is already compressed.
         own = [("Host", self.host_header), ("User-Agent", "cafuse"),
                ("Accept-Encoding", "identity")]
-        if parts.username is not None:
-            own.append(("Authorization", _basic(parts.username, parts.password or "")))
-        given = {name.lower() for name in headers or {}}
-        self.headers = [(name, value) for name, value in own
-                        if name.lower() not in given] + list((headers or {}).items())
+        if auth is not None:
+            own.append(("Authorization", auth))
+        merged = {}
+        for name, value in [*own, *dict(headers).items()]:
+            merged[name.lower()] = (name, value)
+        self.headers = list(merged.values())
         self.max_body = max_body
         self._tls_options = tls or TLSOptions()
         self._tls = self._tls_options.context() if self.scheme == "https" else None
@@ -274,29 +279,30 @@ class Client:
         """GET where ``location`` points from ``progress.url``, on this
         origin or another."""
         try:
-            url = urljoin(progress.url, location)
+            url, auth = split_credentials(urljoin(progress.url, location))
             parts = urlsplit(url)
-        except ValueError as e:  # a bad IPv6 literal
-            raise HTTPError(f"{progress.url}: redirected to {location}, not a valid URL "
-                            f"({e})", False) from None
+            origin = _origin(parts)
+        except ValueError as e:  # a bad IPv6 literal, a port out of range
+            raise HTTPError(f"{progress.url}: redirected to {shown(location)}, not a valid "
+                            f"URL ({e})", False) from None
         progress.begin(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        origin = f"{parts.scheme}://{parts.netloc}"
-        if origin == f"{self.scheme}://{self.host_header}":
+        if origin == self.origin and auth is None:
             return await self._get(target, progress)
-        client = self._elsewhere.get(origin)
+        key = f"{parts.scheme}://{parts.netloc} {auth}"
+        client = self._elsewhere.get(key)
         if client is None:
             try:
-                client = Client(origin, tls=self._tls_options, max_body=self.max_body)
+                client = Client(f"{parts.scheme}://{parts.netloc}", tls=self._tls_options,
+                                max_body=self.max_body, auth=auth)
             except CafuseError:
-                raise HTTPError(f"redirected to {progress.url}: not an http(s) URL",
-                                False) from None
+                raise HTTPError(f"redirected to {url}: not an http(s) URL", False) from None
             if len(self._elsewhere) >= MAX_ORIGINS:  # used once
                 try:
                     return await client._get(target, progress)
                 finally:
                     await client.aclose()
-            self._elsewhere[origin] = client
+            self._elsewhere[key] = client
         return await client._get(target, progress)
 
     async def _get(self, target: str, progress: _Progress) -> Response:
@@ -310,10 +316,11 @@ class Client:
             except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError,
                     OSError, h11.RemoteProtocolError) as e:
                 await _close_quietly(conn)
-                if conn.reused and isinstance(e, (_Closed, trio.BrokenResourceError,
-                                                  h11.RemoteProtocolError)):
+                too_long = getattr(e, "error_status_hint", None) == 431  # the head: again
+                if conn.reused and not too_long and isinstance(
+                        e, (_Closed, trio.BrokenResourceError, h11.RemoteProtocolError)):
                     continue  # a stale keep-alive connection: try a fresh one
-                raise HTTPError(f"{progress.url}: {_describe(e)}", True) from None
+                raise HTTPError(f"{progress.url}: {_describe(e)}", not too_long) from None
             except h11.LocalProtocolError as e:  # the URL, not the server
                 await _close_quietly(conn)
                 raise HTTPError(f"{progress.url}: cannot be asked for: {e}", False) from None
@@ -368,20 +375,33 @@ class Client:
             await client.aclose()
 
 
+# scheme://, then the user and password: up to the authority's last "@"
+# (RFC 3986 §3.2; one inside them is written %40).
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)@")
+
+
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """``url`` without the user and password of its authority, and the
+    Basic Authorization they make (None without them); percent-encoded
+    bytes are sent as those bytes, as curl does."""
+    found = _USERINFO.match(url)
+    if found is None:
+        return url, None
+    user, _colon, password = found.group(2).partition(":")
+    pair = unquote_to_bytes(user) + b":" + unquote_to_bytes(password)
+    return found.group(1) + url[found.end():], "Basic " + base64.b64encode(pair).decode()
+
+
 def shown(url: str) -> str:
     """``url`` without its user and password, for messages."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return split_credentials(url)[0]
 
 
-def _basic(user: str, password: str) -> str:
-    pair = f"{unquote(user)}:{unquote(password)}".encode()
-    return "Basic " + base64.b64encode(pair).decode("ascii")
+def _origin(parts) -> tuple[str, str, int]:
+    """(scheme, host, port) of a URL, as RFC 6454 compares origins; raises
+    ValueError for a port out of range."""
+    default = 443 if parts.scheme == "https" else 80
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port or default
 
 
 def _header(response, wanted: bytes) -> bytes | None:

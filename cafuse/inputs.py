@@ -81,7 +81,7 @@ async def read_index(spec: str, http: HTTPOptions) -> Index:
     if not is_url(spec):
         return read_index_file(spec)
     base, name = _split_url(spec)
-    client = Client(base, 1, dict(http.headers), http.tls)
+    client = Client(base, 1, http.headers, http.tls)
     try:
         data, _ = await fetch_with_retries(client, name, http, missing_ok=False)
     finally:
@@ -95,7 +95,7 @@ def _split_url(url: str) -> tuple[str, str]:
     try:
         parts = urlsplit(url)
     except ValueError as e:  # a bad IPv6 literal
-        raise CafuseError(f"{url}: not a valid URL ({e})") from None
+        raise CafuseError(f"{shown(url)}: not a valid URL ({e})") from None
     directory, _slash, name = parts.path.rpartition("/")
     query = "?" + parts.query if parts.query else ""
     return f"{parts.scheme}://{parts.netloc}{directory}", name + query
@@ -192,4 +192,4 @@ async def open_input(path: str, options: Options | None = None) -> Input:
             raise CafuseError(f"{path}: {e.strerror}") from None
     index = await read_index(path, options.http)
     engine = make_engine(path, index, options)
-    return Input(path, index_kind(path, index), index, IndexStream(index, engine))
+    return Input(shown(path), index_kind(path, index), index, IndexStream(index, engine))

@@ -17,7 +17,7 @@ import trio
 
 from .chunk import compressed_bound
 from .errors import CafuseError
-from .http import Client, HTTPError, TLSOptions, shown
+from .http import Client, HTTPError, TLSOptions, split_credentials
 from .index import CHUNK_SIZE_LIMIT
 from .slots import Priority
 
@@ -77,13 +77,15 @@ class HTTPStore:
     blocking = False
 
     def __init__(self, url: str, options: HTTPOptions, largest_chunk: int = CHUNK_SIZE_LIMIT):
+        # Cut at parameters or a query as casync does, not inside a password.
+        url, auth = split_credentials(url)
         self.url = url.split("?")[0].split(";")[0].rstrip("/")
         self.options = options
-        self.client = Client(self.url, options.connections, dict(options.headers),
-                             options.tls, max_body=compressed_bound(largest_chunk))
+        self.client = Client(self.url, options.connections, options.headers, options.tls,
+                             max_body=compressed_bound(largest_chunk), auth=auth)
 
     def __str__(self) -> str:
-        return shown(self.url)
+        return self.url
 
     async def fetch(self, chunk_id: bytes, priority: Priority | None = None,
                     others_left: bool = False, held=None) -> tuple[bytes, bool] | None:

@@ -456,6 +456,19 @@ def test_a_signal_the_mount_was_started_ignoring_stays_ignored(full, tmp_path):
         teardown_mount(mnt)
 
 
+def test_the_mount_table_shows_a_url_without_its_password(full, tmp_path):
+    www = tmp_path / "www"
+    www.mkdir()
+    shutil.copy(full.index, www / full.index.name)
+    os.symlink(full.store, www / "default.castr")
+    with FaultServer(www) as server:
+        url = f"{server.url.replace('http://', 'http://u:s3cret@')}/{full.index.name}"
+        with mounted(url, tmp_path / "mnt", "--no-cache") as mnt:
+            line, = [m for m in Path("/proc/mounts").read_text().splitlines() if str(mnt) in m]
+            assert "s3cret" not in line and f"{server.url}/{full.index.name}" in line
+            assert sorted(os.listdir(mnt)) == sorted(os.listdir(full.tree))
+
+
 def test_store_outage_gives_eio_then_recovers(casync_archive, tmp_path):
     made = casync_archive("full")
     down = {"on": False}

@@ -136,6 +136,14 @@ def test_redirects_of_chunks_and_of_the_index_are_followed(blob, status, tmp_pat
     assert out.stdout == blob.tree.read_bytes()
 
 
+def test_no_message_names_the_password_of_a_url(nginx, blob, tree, cache):
+    secret = nginx.url.replace("http://", "http://u:s3cret@")
+    for args in (("ls", f"{secret}/blob/{blob.index.name}"),   # a blob has no tree
+                 ("cat", f"{secret}/tree/{tree.index.name}")):  # no PATH given
+        err = fails(*args, *cache, match=nginx.url.removeprefix("http://"))
+        assert "s3cret" not in err
+
+
 def test_an_early_hints_answer_before_each_chunk_is_skipped(blob, cache):
     with faulty(blob, lambda path, n: "hints") as server:
         out = run("cat", *cache, "-s", server.url, *FAST, blob.index)

@@ -9,9 +9,10 @@ import pytest
 import trio
 import trio.testing
 
-from cafuse.http import Client, HTTPError
+from cafuse.errors import CafuseError
+from cafuse.http import Client, HTTPError, split_credentials
+from cafuse.inputs import default_store, read_index
 from cafuse.slots import Priority
-from cafuse.inputs import default_store
 from cafuse.store import HTTPOptions, HTTPStore, fetch_with_retries
 
 RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -389,7 +390,7 @@ async def test_a_user_and_password_in_the_url_are_sent_as_basic_auth_and_never_s
         assert (await Client(url + "/store").get("x")).body == b"ok"
         store = HTTPStore(url + "/store", HTTPOptions())
         n.cancel_scope.cancel()
-    assert b"authorization: basic " + base64.b64encode(b"us@er:s3cret").lower() in heads[0]
+    assert basic("us@er:s3cret") in heads[0]
     assert "s3cret" not in str(store) and "us%40er" not in str(store)
     assert str(store) == url.replace("us%40er:s3cret@", "") + "/store"
 
@@ -433,3 +434,90 @@ def test_the_default_store_of_an_index_url_with_a_semicolon_is_next_to_it():
     # is not a store URL given with parameters.
     store = HTTPStore(default_store("http://127.0.0.1:1/s;t/blob.caibx"), HTTPOptions())
     assert store.client.url("x") == "http://127.0.0.1:1/s%3Bt/default.castr/x"
+
+
+SECRET = "s3cr;t"
+
+
+@pytest.mark.parametrize("url", [f"http://u:{SECRET}@127.0.0.1:99999/d/a.caidx",
+                                 f"http://u:{SECRET}@/d/a.caidx",
+                                 f"http://u:{SECRET}@[::1/d/a.caidx"])
+async def test_an_invalid_url_is_named_without_its_password(url):
+    with pytest.raises(CafuseError) as e:
+        await read_index(url, HTTPOptions())
+    assert SECRET not in str(e.value) and "/d" in str(e.value)
+
+
+async def test_a_store_url_keeps_a_semicolon_of_its_password_and_cuts_its_path_there():
+    # casync cuts a store URL at ';' and '?': in its path, not in a password.
+    heads = []
+    async with trio.open_nursery() as n:
+        url = (await serve(n, recording(heads))).replace("http://", f"http://u:{SECRET}@")
+        store = HTTPStore(url + "/store;v=1?x", HTTPOptions())
+        assert await store.fetch(bytes(32)) == (b"ok", True)
+        n.cancel_scope.cancel()
+    assert str(store) == url.replace(f"u:{SECRET}@", "") + "/store"
+    assert heads[0].startswith(b"get /store/0000/") and basic(f"u:{SECRET}") in heads[0]
+
+
+def basic(pair: str | bytes) -> bytes:
+    """The header line of Basic authentication with ``pair``, lowercased."""
+    raw = pair.encode() if isinstance(pair, str) else pair
+    return b"authorization: basic " + base64.b64encode(raw).lower()
+
+
+def test_percent_encoded_bytes_of_a_user_and_password_are_sent_as_those_bytes():
+    assert split_credentials("http://u%40x:%FF%3A@h/p") == (
+        "http://h/p", "Basic " + base64.b64encode(b"u@x:\xff:").decode())
+    assert split_credentials("http://u@h/p@q") == (
+        "http://h/p@q", "Basic " + base64.b64encode(b"u:").decode())
+    assert split_credentials("http://h/p@q") == ("http://h/p@q", None)
+
+
+async def test_a_header_given_twice_in_any_case_is_sent_once_the_last_winning():
+    heads = []
+    async with trio.open_nursery() as n:
+        c = Client(await serve(n, recording(heads)),
+                   headers=[("authorization", "Bearer a"), ("Authorization", "Bearer b")])
+        assert (await c.get("x")).body == b"ok"
+        n.cancel_scope.cancel()
+    assert heads[0].count(b"authorization:") == 1 and b"bearer b" in heads[0]
+
+
+async def test_credentials_stay_on_a_redirect_to_the_same_origin_written_otherwise():
+    # Host names compare case-insensitively, and :80 is http's own port.
+    heads = []
+
+    async def handler(stream):
+        while request := await read_request(stream):
+            heads.append(request.lower())
+            if request.startswith(b"GET /start "):
+                port = request.split(b"Host: ")[1].split(b"\r\n")[0].split(b":")[1]
+                await stream.send_all(b"HTTP/1.1 302 Found\r\nLocation: http://LOCALHOST:"
+                                      + port + b"/there\r\nContent-Length: 0\r\n\r\n")
+            else:
+                await stream.send_all(RESP)
+    async with trio.open_nursery() as n:
+        url = (await serve(n, handler)).replace("http://127.0.0.1", "http://u:pw@localhost")
+        c = Client(url, headers={"X-Token": "t"})
+        assert (await c.get("start")).body == b"ok"
+        await c.aclose()
+        n.cancel_scope.cancel()
+    assert heads[1].startswith(b"get /there ") and basic("u:pw") in heads[1]
+    assert b"x-token: t" in heads[1]
+
+
+async def test_a_head_far_too_long_is_not_asked_for_again():
+    asked = []
+
+    async def long_head(stream):
+        asked.append(await read_request(stream))
+        with contextlib.suppress(trio.BrokenResourceError):
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nX: " + b"p" * 400_000 + b"\r\n\r\n")
+    async with trio.open_nursery() as n:
+        c = Client(await serve(n, long_head))
+        with pytest.raises(HTTPError, match="head is longer") as e:
+            await fetch_with_retries(c, "x", HTTPOptions(retries=3, backoff=0.01),
+                                     missing_ok=False)
+        assert not e.value.retryable and len(asked) == 1
+        n.cancel_scope.cancel()
