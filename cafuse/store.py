@@ -9,8 +9,11 @@ A local store is read with blocking calls (``load``), in the worker thread
 that also decodes the chunk; an HTTP store is read with ``await fetch``.
 """
 
+import datetime
+import email.utils
 import os
 import random
+import time
 from dataclasses import dataclass
 
 import trio
@@ -139,12 +142,23 @@ async def fetch_with_retries(client: Client, path: str, options: HTTPOptions,
             delay *= 2
 
 
-def retry_after(response) -> float:
-    """The seconds a 503 or 429 asks to wait (RFC 9110 §10.2.3), 0 if it
-    names none or a date."""
+def retry_after(response, now: float | None = None) -> float:
+    """The seconds a 503 or 429 asks to wait (RFC 9110 §10.2.3: seconds, or
+    an HTTP date, ``now`` being the time since the epoch); 0 if it names
+    neither."""
     for name, value in response.headers:
-        if name == b"retry-after" and value.strip().isdigit():
-            return float(value)
+        if name != b"retry-after":
+            continue
+        text = value.decode("latin-1").strip()
+        if text.isdigit():
+            return float(text)
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return 0.0
+        if when.tzinfo is None:  # an HTTP date is in GMT, said or not
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        return max(0.0, when.timestamp() - (time.time() if now is None else now))
     return 0.0
 
 

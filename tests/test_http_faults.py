@@ -10,10 +10,10 @@ import trio
 import trio.testing
 
 from cafuse.errors import CafuseError
-from cafuse.http import Client, HTTPError, split_credentials
+from cafuse.http import Client, HTTPError, Response, split_credentials
 from cafuse.inputs import default_store, read_index
 from cafuse.slots import Priority
-from cafuse.store import HTTPOptions, HTTPStore, fetch_with_retries
+from cafuse.store import HTTPOptions, HTTPStore, fetch_with_retries, retry_after
 
 RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -521,3 +521,13 @@ async def test_a_head_far_too_long_is_not_asked_for_again():
                                      missing_ok=False)
         assert not e.value.retryable and len(asked) == 1
         n.cancel_scope.cancel()
+
+
+def test_retry_after_is_read_in_seconds_or_as_an_http_date():
+    def asked(value):
+        return retry_after(Response(503, [(b"retry-after", value)], b""), now=1445412470.0)
+    assert asked(b"7") == 7.0
+    assert asked(b"Wed, 21 Oct 2015 07:28:00 GMT") == 10.0     # RFC 9110's example
+    assert asked(b"Wed, 21 Oct 2015 07:28:00") == 10.0
+    assert asked(b"Wed, 21 Oct 2015 07:27:00 GMT") == 0.0      # past
+    assert asked(b"soon") == 0.0
