@@ -5,6 +5,7 @@ import logging
 import math
 from contextlib import asynccontextmanager
 import os
+import re
 import signal
 import stat
 import sys
@@ -22,7 +23,7 @@ from .inputs import (DEFAULT_CACHE_BYTES, Input, Options, default_store, index_k
 from .listing import long_line, quote, size_text, timestamp
 from .prefetch import prefetch
 from .signals import stop_like_sigint, stopping_signal
-from .store import HTTPOptions, is_url
+from .store import HTTPOptions
 
 DESCRIPTION = """\
 cafuse reads casync archives lazily: a .caidx index (a directory tree) or a
@@ -47,6 +48,7 @@ EPILOG = "environment:\n" + "".join(ENVIRONMENT.values())
 _SOURCES = tuple(ENVIRONMENT)   # what commands that read archives heed
 
 INDEX_HELP = ".caidx or .caibx (path or http(s) URL)"
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header's name (RFC 9110 §5.6.2)
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -83,8 +85,9 @@ SECONDS = _at_least(float, 0.001)
 
 def parse_header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition(":")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError("not a header: expected 'Name: value'")
+    if not sep or not _TOKEN.fullmatch(name.strip()):
+        raise argparse.ArgumentTypeError("not a header: expected 'Name: value', the name "
+                                         "in ASCII letters, digits and !#$%&'*+-.^_`|~")
     return name.strip(), value.strip()
 
 
@@ -421,7 +424,7 @@ def _stdout():
 
 
 def _absolute(spec: str) -> str:
-    return spec if is_url(spec) else os.path.abspath(spec)
+    return spec if "://" in spec else os.path.abspath(spec)  # a URL of any scheme
 
 
 def fuse_options(groups: list[str]) -> list[str]:

@@ -218,7 +218,7 @@ class Client:
             parts = urlsplit(base_url)
             self.origin = _origin(parts)
         except ValueError as e:  # a bad IPv6 literal, a port out of range
-            raise CafuseError(f"{base_url}: not a valid URL ({e})") from None
+            raise CafuseError(invalid_url(base_url, e)) from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise CafuseError(f"{base_url}: not an http(s) URL")
         self.scheme = parts.scheme
@@ -234,7 +234,7 @@ class Client:
             own.append(("Authorization", auth))
         merged = {}
         for name, value in [*own, *dict(headers).items()]:
-            merged[name.lower()] = (name, value)
+            merged[name.lower()] = (name, value.encode())  # as curl: UTF-8 as it is
         self.headers = list(merged.values())
         self.max_body = max_body
         self._tls_options = tls or TLSOptions()
@@ -279,22 +279,22 @@ class Client:
         """GET where ``location`` points from ``progress.url``, on this
         origin or another."""
         try:
-            url, auth = split_credentials(urljoin(progress.url, location))
+            # Credentials in a Location are not used, as casync's curl does not.
+            url = split_credentials(urljoin(progress.url, location))[0]
             parts = urlsplit(url)
             origin = _origin(parts)
         except ValueError as e:  # a bad IPv6 literal, a port out of range
-            raise HTTPError(f"{progress.url}: redirected to {shown(location)}, not a valid "
-                            f"URL ({e})", False) from None
+            raise HTTPError(f"{progress.url}: redirected to "
+                            f"{invalid_url(location, e)}", False) from None
         progress.begin(url)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        if origin == self.origin and auth is None:
+        if origin == self.origin:
             return await self._get(target, progress)
-        key = f"{parts.scheme}://{parts.netloc} {auth}"
+        key = f"{parts.scheme}://{parts.netloc}"
         client = self._elsewhere.get(key)
         if client is None:
             try:
-                client = Client(f"{parts.scheme}://{parts.netloc}", tls=self._tls_options,
-                                max_body=self.max_body, auth=auth)
+                client = Client(key, tls=self._tls_options, max_body=self.max_body)
             except CafuseError:
                 raise HTTPError(f"redirected to {url}: not an http(s) URL", False) from None
             if len(self._elsewhere) >= MAX_ORIGINS:  # used once
@@ -395,6 +395,26 @@ def split_credentials(url: str) -> tuple[str, str | None]:
 def shown(url: str) -> str:
     """``url`` without its user and password, for messages."""
     return split_credentials(url)[0]
+
+
+def check_url(url: str) -> None:
+    """Raise CafuseError if urlsplit refuses ``url`` (or its port), before
+    anything cuts it where a bare '?', '#' or ';' of a password is."""
+    try:
+        urlsplit(url).port
+    except ValueError as e:
+        raise CafuseError(invalid_url(url, e)) from None
+
+
+def invalid_url(url: str, error: ValueError) -> str:
+    """The message for ``url``, which urlsplit refused.  One that still
+    holds an "@" may have a password with a bare '/', '?' or '#' in it,
+    which would show in what the URL or the error names: only its scheme
+    is named then."""
+    if "@" in url:
+        return (f"{url.partition(':')[0]}: not a valid URL (a '/', '?', '#' or '@' in a "
+                f"user or password is written %2F, %3F, %23, %40)")
+    return f"{url}: not a valid URL ({error})"
 
 
 def _origin(parts) -> tuple[str, str, int]:

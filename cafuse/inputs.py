@@ -17,10 +17,10 @@ from .archive import Archive
 from .diskcache import DiskCache, default_dir
 from .engine import DEFAULT_MEMORY_BYTES, ChunkEngine
 from .errors import CafuseError, FormatError
-from .http import Client, shown
+from .http import Client, check_url, shown
 from .index import Index
 from .seed import Seed
-from .store import HTTPOptions, fetch_with_retries, is_url, open_store
+from .store import HTTPOptions, fetch_with_retries, is_url, open_store, other_url
 from .stream import FileSource, IndexStream
 
 log = logging.getLogger("cafuse")
@@ -78,6 +78,8 @@ def read_index_file(path: str) -> Index:
 
 async def read_index(spec: str, http: HTTPOptions) -> Index:
     """An index from a path or an http(s) URL."""
+    if other_url(spec):
+        raise CafuseError(f"{shown(spec)}: unsupported URL (http, https or a local path)")
     if not is_url(spec):
         return read_index_file(spec)
     base, name = _split_url(spec)
@@ -92,10 +94,8 @@ async def read_index(spec: str, http: HTTPOptions) -> Index:
 def _split_url(url: str) -> tuple[str, str]:
     """(the URL of the directory, the name with its query) of a file's URL;
     a query may hold slashes of its own."""
-    try:
-        parts = urlsplit(url)
-    except ValueError as e:  # a bad IPv6 literal
-        raise CafuseError(f"{shown(url)}: not a valid URL ({e})") from None
+    check_url(shown(url))
+    parts = urlsplit(url)
     directory, _slash, name = parts.path.rpartition("/")
     query = "?" + parts.query if parts.query else ""
     return f"{parts.scheme}://{parts.netloc}{directory}", name + query
@@ -162,7 +162,7 @@ def default_store(index_spec: str) -> str:
 def parse_seed(spec: str) -> Seed:
     """``INDEX[:FILE]``; FILE defaults to INDEX without its suffix."""
     if is_url(spec):
-        raise CafuseError(f"--seed {spec}: a seed is a local index and the file it "
+        raise CafuseError(f"--seed {shown(spec)}: a seed is a local index and the file it "
                           f"describes, not a URL")
     index, sep, file = spec.partition(":")
     return Seed(read_index_file(index), file if sep else os.path.splitext(index)[0])

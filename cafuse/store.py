@@ -20,7 +20,7 @@ import trio
 
 from .chunk import compressed_bound
 from .errors import CafuseError
-from .http import Client, HTTPError, TLSOptions, split_credentials
+from .http import Client, HTTPError, TLSOptions, check_url, shown, split_credentials
 from .index import CHUNK_SIZE_LIMIT
 from .slots import Priority
 
@@ -82,6 +82,7 @@ class HTTPStore:
     def __init__(self, url: str, options: HTTPOptions, largest_chunk: int = CHUNK_SIZE_LIMIT):
         # Cut at parameters or a query as casync does, not inside a password.
         url, auth = split_credentials(url)
+        check_url(url)
         self.url = url.split("?")[0].split(";")[0].rstrip("/")
         self.options = options
         self.client = Client(self.url, options.connections, options.headers, options.tls,
@@ -163,7 +164,12 @@ def retry_after(response, now: float | None = None) -> float:
 
 
 def is_url(spec: str) -> bool:
-    return spec.startswith(("http://", "https://"))
+    return spec.lower().startswith(("http://", "https://"))
+
+
+def other_url(spec: str) -> bool:
+    """Whether ``spec`` is a URL of a scheme cafuse does not read."""
+    return "://" in spec and not is_url(spec)
 
 
 def open_store(spec: str, options: HTTPOptions, largest_chunk: int = CHUNK_SIZE_LIMIT):
@@ -171,6 +177,6 @@ def open_store(spec: str, options: HTTPOptions, largest_chunk: int = CHUNK_SIZE_
         raise CafuseError("-s '': a store is a directory or an http(s) URL, not nothing")
     if is_url(spec):
         return HTTPStore(spec, options, largest_chunk)
-    if "://" in spec:
-        raise CafuseError(f"{spec}: unsupported store URL (http, https or a directory)")
+    if other_url(spec):
+        raise CafuseError(f"{shown(spec)}: unsupported store URL (http, https or a directory)")
     return LocalStore(spec)

@@ -308,7 +308,7 @@ def test_stdout_errors_are_one_line(full):
 def test_malformed_urls_headers_and_tls_files_are_one_line(full, tmp_path):
     fails("ls", "-s", "http://[::1", "--no-cache", full.index, match="http://[::1: not a valid URL")
     fails("ls", "-s", "http://127.0.0.1:99999/", "--no-cache", full.index,
-          match="http://127.0.0.1:99999: not a valid URL")
+          match="http://127.0.0.1:99999/: not a valid URL")
     fails("info", "http://[::1/x.caidx", match="http://[::1/x.caidx: not a valid URL")
     fails("ls", full.index, env=environ(CAFUSE_HTTP_HEADERS="Accept: */*\ngarbage"),
           match="$CAFUSE_HTTP_HEADERS, line 2: not a header")

@@ -327,7 +327,7 @@ async def test_a_location_and_a_url_that_are_not_ascii_are_asked_for_percent_enc
 async def test_a_redirect_to_an_invalid_url_is_an_error_not_a_retry():
     async with trio.open_nursery() as n:
         c = Client(await serve(n, answering_targets([b"http://[::1/x"])))
-        with pytest.raises(HTTPError, match=r"redirected to http://\[::1/x, not a valid URL") \
+        with pytest.raises(HTTPError, match=r"redirected to http://\[::1/x: not a valid URL") \
                 as e:
             await c.get("start")
         assert not e.value.retryable
