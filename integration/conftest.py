@@ -50,6 +50,19 @@ def start_foreground(index, mountpoint, *args, ignoring=()) -> subprocess.Popen:
 
 
 @contextmanager
+def in_the_foreground(index, mountpoint, *args, ignoring=()):
+    """``start_foreground``; the process is killed if it is still running
+    afterwards, and the mount torn down, whatever happens."""
+    proc = start_foreground(index, mountpoint, *args, ignoring=ignoring)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        teardown_mount(mountpoint)
+
+
+@contextmanager
 def mounted(index, mountpoint, *args):
     """``cafuse mount --background``; unmounted afterwards whatever happens."""
     mountpoint.mkdir(parents=True, exist_ok=True)

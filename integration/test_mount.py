@@ -15,7 +15,7 @@ import pytest
 
 import oracle
 from command import CAFUSE
-from conftest import is_mounted, mounted, start_foreground, teardown_mount
+from conftest import in_the_foreground, is_mounted, mounted, start_foreground, teardown_mount
 from servers import FaultServer, Nginx, dead_url, kill_quietly
 from touch import sh, walk
 
@@ -105,23 +105,18 @@ def test_sigterm_during_a_walk_never_hangs(tmp_path):
     mnt = tmp_path / "mnt"
     with Nginx(www, tmp_path / "nginx") as nginx:
         for attempt in range(4):
-            proc = start_foreground(f"{nginx.url}/t.caidx", mnt, "--no-cache",
-                                    "-s", f"{nginx.url}/store")
-            tar = None
-            try:
+            with in_the_foreground(f"{nginx.url}/t.caidx", mnt, "--no-cache",
+                                   "-s", f"{nginx.url}/store") as proc:
                 tar = subprocess.Popen(f"tar -C {mnt} -cf - . | wc -c", shell=True,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(0.1 + 0.1 * attempt)
-                proc.send_signal(signal.SIGTERM)
-                assert proc.wait(timeout=20) == 0, proc.stderr.read()
-                tar.wait(timeout=60)
-                assert not is_mounted(mnt)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                teardown_mount(mnt)
-                if tar is not None and tar.poll() is None:
-                    tar.kill()
+                try:
+                    time.sleep(0.1 + 0.1 * attempt)
+                    proc.send_signal(signal.SIGTERM)
+                    assert proc.wait(timeout=20) == 0, proc.stderr.read()
+                    tar.wait(timeout=60)
+                    assert not is_mounted(mnt)
+                finally:
+                    kill_quietly(tar)
 
 
 def test_acls_and_capabilities_seen_by_tools(full, tmp_path):
@@ -324,14 +319,10 @@ def test_busy_mountpoint(full, tmp_path):
 
 def test_a_foreground_mount_logs_to_its_log_file(full, tmp_path):
     log = tmp_path / "mount.log"
-    proc = start_foreground(full.index, tmp_path / "mnt", "-v", "--no-cache", "-s", full.store,
-                            "--log-file", log)
-    try:
+    with in_the_foreground(full.index, tmp_path / "mnt", "-v", "--no-cache", "-s", full.store,
+                           "--log-file", log) as proc:
         subprocess.run([CAFUSE, "umount", str(tmp_path / "mnt")], check=True, timeout=60)
         assert proc.wait(timeout=60) == 0
-    finally:
-        kill_quietly(proc)
-        teardown_mount(tmp_path / "mnt")
     assert proc.stderr.read() == b""
     assert f"cafuse: INFO: mounted {full.index} on {tmp_path / 'mnt'}" in log.read_text()
 
@@ -421,8 +412,7 @@ def test_signal_unmounts_cleanly(full, tmp_path, signum):
     """SIGTERM, SIGINT and SIGHUP unmount and exit 0; after SIGKILL, the
     mount's watchdog takes it down: nothing dead is left behind."""
     mnt = tmp_path / "mnt"
-    proc = start_foreground(full.index, mnt, "--no-cache", "-s", full.store)
-    try:
+    with in_the_foreground(full.index, mnt, "--no-cache", "-s", full.store) as proc:
         assert sorted(os.listdir(mnt)) == sorted(os.listdir(full.tree))
         proc.send_signal(signum)
         code = proc.wait(timeout=30)
@@ -431,18 +421,13 @@ def test_signal_unmounts_cleanly(full, tmp_path, signum):
         while is_mounted(mnt) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not is_mounted(mnt)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        teardown_mount(mnt)
 
 
 def test_a_signal_the_mount_was_started_ignoring_stays_ignored(full, tmp_path):
     """As under nohup: a hangup leaves the mount serving; SIGTERM ends it."""
     mnt = tmp_path / "mnt"
-    proc = start_foreground(full.index, mnt, "--no-cache", "-s", full.store,
-                            ignoring=(signal.SIGHUP,))
-    try:
+    with in_the_foreground(full.index, mnt, "--no-cache", "-s", full.store,
+                           ignoring=(signal.SIGHUP,)) as proc:
         proc.send_signal(signal.SIGHUP)
         time.sleep(1)
         assert proc.poll() is None and is_mounted(mnt)
@@ -450,10 +435,6 @@ def test_a_signal_the_mount_was_started_ignoring_stays_ignored(full, tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, proc.stderr.read()
         assert not is_mounted(mnt)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        teardown_mount(mnt)
 
 
 def test_the_mount_table_shows_a_url_without_its_password(full, tmp_path):

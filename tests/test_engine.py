@@ -61,21 +61,22 @@ class Store:
         pass
 
 
-class TimesOutFirst(Store):
-    """Its tries while other stores are left time out after ``after``
-    seconds (a --timeout); its full tries answer."""
+class TimesOut(Store):
+    """Its tries get no answer within ``after`` seconds (a --timeout), as
+    from a server that sends half a body and stalls; with ``first``, only
+    its tries while other stores are left (its full tries answer)."""
 
-    def __init__(self, name, chunks, after):
+    def __init__(self, name, chunks, after, first=False):
         super().__init__(name, chunks)
-        self.after = after
+        self.after, self.first = after, first
 
     async def fetch(self, cid, priority=None, others_left=False, held=None):
         began = trio.current_time()
         held()
         self.calls.append(cid)
-        if others_left:
+        if others_left or not self.first:
             await trio.sleep(self.after)
-            raise HTTPError(f"no answer within {self.after:g} s", True, began)
+            raise HTTPError(f"{self.name}: no answer within {self.after:g} s", True, began)
         return (self.chunks[cid], False) if cid in self.chunks else None
 
 
@@ -587,7 +588,7 @@ async def test_a_raced_request_that_times_out_during_the_last_tries_beside_it():
     # under another's feet).  B2 has x.
     (x, dx), = [chunk(1)]
     b1, b2 = Store("B1", [], delay=0.5), Store("B2", [(x, dx)])
-    eng = engine([TimesOutFirst("A", [], 0.8), b1, b2, Store("C", [])], deadline=2.0)
+    eng = engine([TimesOut("A", [], 0.8, first=True), b1, b2, Store("C", [])], deadline=2.0)
     for state in eng._far_stores[1:3]:
         state.set_aside(5.0, "after errors")
     with trio.fail_after(3):
@@ -662,7 +663,7 @@ async def test_a_raced_store_that_times_out_gets_its_last_try_beside_a_hung_one(
     # beside A's request.  At 0.4 s A's try times out: A is to be asked
     # last too, and its last try waited for B's to end, at the deadline.
     (x, dx), = [chunk(1)]
-    eng = engine([TimesOutFirst("A", [(x, dx)], 0.4),
+    eng = engine([TimesOut("A", [(x, dx)], 0.4, first=True),
                   Store("B", [(x, dx)], lambda cid, n: "stall"),
                   Store("C", [])], deadline=1.0)
     eng._far_stores[1].set_aside(5.0, "after errors")
@@ -1339,22 +1340,6 @@ async def test_a_chunk_not_delivered_in_time_fails_again_at_once_for_a_moment():
     assert trio.current_time() - start < 0.1 and len(store.calls) == 1
     await trio.sleep(FAILURE_MEMORY)
     assert await eng.get(a, len(da)) == da  # then it is asked for again
-
-
-class TimesOut(Store):
-    """Every try of its fetch gets no answer within ``after`` seconds (a
-    --timeout), as from a server that sends half a body and stalls."""
-
-    def __init__(self, name, chunks, after):
-        super().__init__(name, chunks)
-        self.after = after
-
-    async def fetch(self, cid, priority=None, others_left=False, held=None):
-        began = trio.current_time()
-        held()
-        self.calls.append(cid)
-        await trio.sleep(self.after)
-        raise HTTPError(f"{self.name}: no answer within {self.after:g} s", True, began)
 
 
 def no_answer(kind, chunks):
