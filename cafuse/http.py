@@ -126,6 +126,9 @@ class _Connection:
         self.stream = stream
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.reused = False
+        self._poller = select.poll()  # for ``quiet``
+        socket = getattr(stream, "transport_stream", stream).socket
+        self._poller.register(socket.fileno(), select.POLLIN)
 
     async def get(self, target: str, headers, max_body: int, progress: _Progress) -> Response:
         request = h11.Request(method="GET", target=quote(target, safe=_URL_SAFE),
@@ -169,10 +172,7 @@ class _Connection:
         """Nothing came while it was idle: no stray bytes a server sent after
         its response (which the next request would read as its answer), no
         close.  (A TLS stream's own buffer is not looked into.)"""
-        stream = getattr(self.stream, "transport_stream", self.stream)
-        poller = select.poll()
-        poller.register(stream.socket.fileno(), select.POLLIN)
-        return not poller.poll(0)
+        return not self._poller.poll(0)
 
     async def _next_event(self):
         while True:

@@ -9,6 +9,7 @@ import pytest
 import trio
 import trio.testing
 
+from cafuse import http
 from cafuse.errors import CafuseError
 from cafuse.http import Client, HTTPError, Response, split_credentials
 from cafuse.inputs import default_store, read_index
@@ -531,3 +532,29 @@ def test_retry_after_is_read_in_seconds_or_as_an_http_date():
     assert asked(b"Wed, 21 Oct 2015 07:28:00") == 10.0
     assert asked(b"Wed, 21 Oct 2015 07:27:00 GMT") == 0.0      # past
     assert asked(b"soon") == 0.0
+
+
+async def test_redirects_to_more_origins_than_are_kept_are_served_and_closed(monkeypatch):
+    monkeypatch.setattr(http, "MAX_ORIGINS", 1)
+    connections = {0: 0, 1: 0}
+
+    def there(k):
+        async def handler(stream):
+            connections[k] += 1
+            while await read_request(stream):
+                await stream.send_all(RESP)
+        return handler
+    async with trio.open_nursery() as n:
+        elsewhere = [await serve(n, there(k)) for k in range(2)]
+
+        async def here(stream):
+            while request := await read_request(stream):
+                other = elsewhere[int(request.split(b" ")[1].strip(b"/"))]
+                await stream.send_all(f"HTTP/1.1 302 Found\r\nLocation: {other}/x\r\n"
+                                      f"Content-Length: 0\r\n\r\n".encode())
+        c = Client(await serve(n, here))
+        assert [(await c.get(k)).body for k in ("0", "1", "1", "0")] == [b"ok"] * 4
+        assert len(c._elsewhere) == 1
+        assert connections == {0: 1, 1: 2}  # the first kept, the second's used once each
+        await c.aclose()
+        n.cancel_scope.cancel()
