@@ -14,7 +14,7 @@ LOOKUP, FORGET, GETATTR, READLINK = 1, 2, 3, 5
 OPEN, READ, STATFS, RELEASE = 14, 15, 17, 18
 GETXATTR, LISTXATTR, FLUSH, INIT = 22, 23, 25, 26
 OPENDIR, READDIR, RELEASEDIR, ACCESS = 27, 28, 29, 34
-INTERRUPT, DESTROY, BATCH_FORGET, READDIRPLUS = 36, 38, 42, 44
+INTERRUPT, DESTROY, IOCTL, BATCH_FORGET, READDIRPLUS = 36, 38, 39, 42, 44
 
 NO_REPLY = frozenset({FORGET, BATCH_FORGET, INTERRUPT})
 
@@ -51,6 +51,8 @@ _GETXATTR_IN = struct.Struct("<II")
 _GETXATTR_OUT = struct.Struct("<II")
 _STATFS_OUT = struct.Struct("<QQQQQIIII24x")
 _DIRENT = struct.Struct("<QQII")
+_IOCTL_IN = struct.Struct("<QIIQII")
+_IOCTL_OUT = struct.Struct("<iIII")
 _NOTIFY_STORE_OUT = struct.Struct("<QQII")
 NOTIFY_STORE = 4
 
@@ -131,6 +133,12 @@ def listxattr_arg(body: memoryview) -> int:
     return _GETXATTR_IN.unpack_from(body)[0]
 
 
+def ioctl_arg(body: memoryview) -> tuple[int, int]:
+    """(cmd, out_size) of IOCTL: the command and the room for its answer."""
+    _, _, cmd, _, _, out_size = _IOCTL_IN.unpack_from(body)
+    return cmd, out_size
+
+
 # --- reply bodies ---------------------------------------------------------
 
 @dataclass(slots=True, frozen=True)
@@ -198,6 +206,11 @@ def xattr_out(value: bytes, size: int) -> bytes:
     """The reply to GETXATTR/LISTXATTR: the length alone when ``size`` is 0;
     the caller raises ERANGE when ``size`` is too small."""
     return _GETXATTR_OUT.pack(len(value), 0) if size == 0 else value
+
+
+def ioctl_out(data: bytes) -> bytes:
+    """A successful IOCTL's reply: result 0, then the bytes it reads out."""
+    return _IOCTL_OUT.pack(0, 0, 0, 0) + data
 
 
 def dirent_type(mode: int) -> int:

@@ -6,6 +6,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -29,23 +30,16 @@ def full(casync_archive):
     return casync_archive("full")
 
 
-def comparable(info: dict) -> dict:
-    """What a mount must reproduce exactly (casync extract's view)."""
-    out = dict(info)
-    out.pop("chattr", None)
-    return out
-
-
 def test_tree_mount_matches_casync_extract(full, tmp_path):
     oracle.extract(full.index, full.store, tmp_path / "extracted")
-    expected = {p: comparable(i) for p, i in walk(tmp_path / "extracted", TESTS).items()}
+    expected = walk(tmp_path / "extracted", TESTS)
     with mounted(full.index, tmp_path / "mnt", "--no-cache", "-s", full.store) as mnt:
-        got = {p: comparable(i) for p, i in walk(mnt, TESTS).items()}
-        root = comparable(oracle.describe(mnt))
+        got = walk(mnt, TESTS)
+        root = oracle.describe(mnt)
     assert set(got) == set(expected)
     for path, info in expected.items():
         assert got[path] == info, path
-    assert root == comparable(oracle.describe(tmp_path / "extracted"))
+    assert root == oracle.describe(tmp_path / "extracted")
 
 
 def test_inode_numbers_are_stable_and_listed(full, tmp_path):
@@ -128,13 +122,29 @@ def test_acls_and_capabilities_seen_by_tools(full, tmp_path):
         assert "cap_net_raw=ep" in sh("getcap", mnt / "cap").stdout.decode()
 
 
+def test_chattr_flags_are_answered_as_casync_extract_restores_them(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "dir").mkdir(parents=True)
+    (tree / "file").write_text("file\n")
+    sh("chattr", "+S", "+A", tree / "file")
+    sh("chattr", "+D", "+A", tree / "dir")
+    index, store = tmp_path / "t.caidx", tmp_path / "store"
+    sh("casync", "make", "--with=best", f"--store={store}", index, tree)
+    oracle.extract(index, store, tmp_path / "extracted")
+    with mounted(index, tmp_path / "mnt", "--no-cache", "-s", store) as mnt:
+        for name, flags in (("file", 0x8 | 0x80), ("dir", 0x10000 | 0x80)):
+            assert oracle.chattr(mnt / name) == oracle.chattr(tmp_path / "extracted" / name)
+            assert oracle.chattr(mnt / name) == flags
+        listed = sh("lsattr", "-d", mnt / "file", mnt / "dir").stdout.decode().split()
+        assert listed[0].replace("-", "") == "SA" and listed[2].replace("-", "") == "DA"
+
+
 def test_edge_tree_matches_the_source(casync_archive, tmp_path):
     made = casync_archive("edge")
     with mounted(made.index, tmp_path / "mnt", "--no-cache", "-s", made.store) as mnt:
         got = walk(mnt, TESTS)
     expected = walk(made.tree, TESTS)
-    assert {p: comparable(i) for p, i in got.items()} == \
-        {p: comparable(i) for p, i in expected.items()}
+    assert got == expected
 
 
 def test_blob_mount_is_the_blob(casync_archive, tmp_path):
@@ -623,6 +633,27 @@ def test_other_users_see_what_modes_and_acls_allow(tmp_path, public_dir):
         assert as_nobody("cat", mnt / "shared").stdout == b"shared\n"
         denied = as_nobody("cat", mnt / "secret")
         assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+
+
+def test_trusted_xattrs_are_listed_only_to_callers_with_cap_sys_admin(tmp_path, public_dir):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_text("f\n")
+    os.chmod(tree / "f", 0o644)
+    os.setxattr(tree / "f", "trusted.t", b"1")
+    os.setxattr(tree / "f", "user.u", b"2")
+    index, store = tmp_path / "t.caidx", tmp_path / "store"
+    sh("casync", "make", f"--store={store}", index, tree)
+    listing = [sys.executable, "-c", "import os, sys; print(sorted(os.listxattr(sys.argv[1])))"]
+    no_sys_admin = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"]
+    with mounted(index, public_dir / "all", "--no-cache", "-s", store, "-o",
+                 "allow_other") as mnt:
+        assert sh(*listing, mnt / "f").stdout == b"['trusted.t', 'user.u']\n"
+        assert as_nobody(*listing, mnt / "f").stdout == b"['user.u']\n"
+        # root without the capability, as ext4 answers it
+        source = sh(*no_sys_admin, *listing, tree / "f").stdout
+        assert source == b"['user.u']\n"
+        assert sh(*no_sys_admin, *listing, mnt / "f").stdout == source
 
 
 @pytest.fixture

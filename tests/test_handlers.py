@@ -9,11 +9,13 @@ import cachetools
 import pytest
 import trio
 
-from cafuse import daemon, mount
+from cafuse import chattr, daemon, mount
 from cafuse import fuseproto as proto
 from cafuse.errors import ChunkError
 from cafuse.fusesession import FuseError
 from cafuse.inputs import Options, open_input
+
+import oracle
 
 _ENTRY = 40 + 88  # fuse_entry_out: its header and fuse_attr
 
@@ -249,3 +251,27 @@ def test_a_read_that_fails_is_logged_once_naming_the_file(casync_archive, caplog
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     told = "read of /dir/sub/deep.txt, bytes 0..5: chunk 00: missing from every store"
     assert errors == [told, told]  # at 0 s and 2.5 s
+
+
+def test_ioctl_answers_lsattr_and_refuses_what_does_not_fit(casync_archive):
+    made = casync_archive("full")
+
+    def ioctl(fs, node, cmd, out_size):
+        body = struct.pack("<QIIQII", 0, 0, cmd, 0, 0, out_size)
+        try:
+            return fs.ioctl(request(proto.IOCTL, node, body))
+        except FuseError as e:
+            return e.errno
+
+    async def check():
+        inp, fs = await tree_fs(made)
+        node = await looked_up(fs, b"noatime.txt")
+        answers = [ioctl(fs, node, chattr.FS_IOC_GETFLAGS, 4),
+                   ioctl(fs, node, chattr.FS_IOC_GETFLAGS, 2),  # no room
+                   ioctl(fs, node, 0x5401, 0)]                  # TCGETS
+        await inp.aclose()
+        return answers
+
+    flags, no_room, other = trio.run(check)
+    assert flags == bytes(16) + struct.pack("<I", oracle.chattr(made.tree / "noatime.txt"))
+    assert no_room == other == errno.ENOTTY
