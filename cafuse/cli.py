@@ -4,6 +4,7 @@ import argparse
 import logging
 import math
 from contextlib import asynccontextmanager
+from dataclasses import replace
 import os
 import re
 import signal
@@ -50,6 +51,12 @@ _SOURCES = tuple(ENVIRONMENT)   # what commands that read archives heed
 INDEX_HELP = ".caidx or .caibx (path or http(s) URL)"
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header's name (RFC 9110 §5.6.2)
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _directory_name(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("an empty name is no directory")
+    return text
 
 
 def parse_size(text: str) -> int:
@@ -130,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = _command(commands, "prefetch", "fill the cache with a whole index",
                    "Fetch every chunk of INDEX that the disk cache lacks, with a "
-                   "progress line, and end with where the chunks came from.")
+                   "progress line, and end with where the chunks came from.  A disk "
+                   "cache that cannot be opened to write is an error.")
     _add_sources(pre, index_help=INDEX_HELP)
     pre.set_defaults(run=cmd_prefetch)
 
@@ -200,7 +208,7 @@ def _command(commands, name, summary, description, environment=_SOURCES):
 
 
 def _add_cache_dir(parser):
-    parser.add_argument("--cache-dir", metavar="DIR",
+    parser.add_argument("--cache-dir", metavar="DIR", type=_directory_name,
                         help=f"disk cache directory (default: {default_dir()})")
     parser.add_argument("--cache-size", type=parse_size, default=DEFAULT_CACHE_BYTES,
                         metavar="SIZE", help="bound of the disk cache, e.g. 500M, 20G "
@@ -305,10 +313,10 @@ def _flag_lines(value):
 
 
 @asynccontextmanager
-async def opened(args):
+async def opened(args, fill_cache=False):
     """The input named on the command line, with the engine's upkeep
     running beside the work; closed afterwards."""
-    inp = await open_input(args.index, options(args))
+    inp = await open_input(args.index, replace(options(args), fill_cache=fill_cache))
     try:
         async with trio.open_nursery() as nursery:
             if inp.index is not None:
@@ -444,7 +452,7 @@ def fuse_options(groups: list[str]) -> list[str]:
 async def cmd_prefetch(args) -> None:
     if args.no_cache:
         raise UsageError("prefetch fills the disk cache; it cannot run with --no-cache")
-    async with opened(args) as inp:
+    async with opened(args, fill_cache=True) as inp:
         if inp.index is None:
             raise UsageError(f"{shown(args.index)}: a local .catar needs no prefetch")
         report = await prefetch(inp.index, inp.source.engine, sys.stderr)
@@ -492,7 +500,7 @@ def _existing_cache(args) -> DiskCache:
     path = args.cache_dir or default_dir()
     if not os.path.exists(os.path.join(path, "index.sqlite")):
         raise CafuseError(f"{path}: no cafuse disk cache there")
-    return DiskCache(path, args.cache_size)
+    return DiskCache(path, args.cache_size, create=False)
 
 
 async def cmd_cache_stats(args) -> None:

@@ -29,6 +29,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass
 
 import blake3
@@ -40,13 +41,16 @@ _PACK_LIMIT = 64 << 20
 _TOUCH_AFTER = 60  # seconds
 _BATCH = 256      # rows per commit
 _FLUSH_AFTER = 0.25  # seconds
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS pack (id INTEGER PRIMARY KEY, bytes INTEGER NOT NULL,
-                                 used REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS chunk (id BLOB PRIMARY KEY, pack INTEGER NOT NULL,
-                                  offset INTEGER NOT NULL, size INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS chunk_pack ON chunk (pack);
-"""
+_RELEASE_AFTER = 5.0  # seconds between looks for read descriptors of deleted packs
+# Pack ids are never reused (AUTOINCREMENT): a process that still holds a
+# pruned pack, to read or to append to, must not take a new pack of the same
+# number for its own.  Version 0 indexes lack it and are moved over.
+_VERSION = 1
+_PACK_TABLE = """CREATE TABLE {name} (id INTEGER PRIMARY KEY AUTOINCREMENT,
+    bytes INTEGER NOT NULL, used REAL NOT NULL)"""
+_CHUNK_TABLE = """CREATE TABLE IF NOT EXISTS chunk (id BLOB PRIMARY KEY,
+    pack INTEGER NOT NULL, offset INTEGER NOT NULL, size INTEGER NOT NULL)"""
+_CHUNK_INDEX = "CREATE INDEX IF NOT EXISTS chunk_pack ON chunk (pack)"
 
 
 def default_dir() -> str:
@@ -74,7 +78,7 @@ class DiskCache:
     """Blocking calls, safe from several threads; the engine runs them in
     worker threads."""
 
-    def __init__(self, path: str, max_bytes: int):
+    def __init__(self, path: str, max_bytes: int, create: bool = True):
         self.path = path
         self.max_bytes = max_bytes
         self.packs = os.path.join(path, "packs")
@@ -85,50 +89,90 @@ class DiskCache:
         self._committed = 0
         self._touched: dict[int, float] = {}
         self._pending: dict[bytes, tuple[int, int, int]] = {}
-        self._flushed = time.monotonic()
+        self._flushed = self._released = time.monotonic()
         self._closed = False
+        self._index = os.path.join(path, "index.sqlite")
+        # Why the index can only be read (a full disk or a read-only
+        # directory, where SQLite cannot make the files WAL needs), or None.
+        self.read_only: str | None = None
         try:
-            os.makedirs(self.packs, exist_ok=True)
-        except OSError as e:
-            raise CafuseError(f"cache directory {path}: {self.packs}: {e.strerror} "
-                              f"(not a cafuse cache?)") from None
-        index = os.path.join(path, "index.sqlite")
-        try:
-            self._db = sqlite3.connect(index, timeout=30, check_same_thread=False,
-                                       isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._db = self._open(create)
         except sqlite3.Error as e:
             if getattr(e, "sqlite_errorcode", None) in (sqlite3.SQLITE_NOTADB,
                                                         sqlite3.SQLITE_CORRUPT):
-                raise CafuseError(f"cache directory {path}: {index}: {e}; it is only a "
-                                  f"cache: remove the directory to start a new one") from None
-            raise CafuseError(f"cache directory {path}: {_reason(e)}") from None
+                raise CafuseError(f"cache directory {path}: {self._index}: {e}; it is only "
+                                  f"a cache: remove the directory to start a new one") from None
+            self._db = self._open_to_read(e)
+        try:
+            os.makedirs(self.packs, exist_ok=True)
         except OSError as e:
-            raise CafuseError(f"cache directory {path}: {_reason(e)}") from None
+            self._db.close()
+            raise CafuseError(f"cache directory {path}: {self.packs}: {e.strerror} "
+                              f"(not a cafuse cache?)") from None
+
+    def _open(self, create: bool) -> sqlite3.Connection:
+        try:
+            if create:
+                os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise CafuseError(f"cache directory {self.path}: {_reason(e)}") from None
+        db = sqlite3.connect(self._index, timeout=30, check_same_thread=False,
+                             isolation_level=None)
+        try:
+            tables = _tables(db)
+            if not create and tables and not {"pack", "chunk"} <= tables:
+                raise CafuseError(f"{self.path}: no cafuse disk cache there "
+                                  f"({self._index} is another database)")
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            if _version(db) < _VERSION:
+                db.execute("BEGIN IMMEDIATE")
+                if _version(db) < _VERSION:  # not done by another process meanwhile
+                    _set_up(db)
+                db.execute("COMMIT")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _open_to_read(self, error: sqlite3.Error) -> sqlite3.Connection:
+        """The index as it is on disk, read only, when it cannot be opened
+        to write: its chunks are still served.  (``immutable``: SQLite
+        makes no file and takes no lock; a row another process changes
+        meanwhile only reads as a miss, as the records are checked.)"""
+        uri = f"file:{urllib.parse.quote(os.path.abspath(self._index))}?mode=ro&immutable=1"
+        try:
+            db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+            if not {"pack", "chunk"} <= _tables(db):
+                db.close()
+                raise sqlite3.OperationalError("no cache index")
+        except sqlite3.Error:
+            raise CafuseError(f"cache directory {self.path}: {_reason(error)}") from None
+        self.read_only = _reason(error)
+        return db
 
     def get(self, chunk_id: bytes) -> bytes | None:
         with self._lock:
             if self._closed:
                 return None
+            # (CAST: a damaged row reads as numbers, which the record's
+            # bounds and check then refuse.)
             row = self._pending.get(chunk_id) or self._query(
-                "SELECT pack, offset, size FROM chunk WHERE id = ?", (chunk_id,)).fetchone()
+                "SELECT CAST(pack AS INTEGER), CAST(offset AS INTEGER), "
+                "CAST(size AS INTEGER) FROM chunk WHERE id = ?", (chunk_id,)).fetchone()
             if row is None:
                 return None
             pack, offset, size = row
-            fd = self._reader(pack)
             # Read under the lock: a prune in another thread closes the
-            # fds of the packs it deletes, and the number may be reused.
-            try:
-                blob = os.pread(fd, CHECK_SIZE + size, offset) if fd is not None else b""
-            except OSError as e:
-                raise CafuseError(f"cache directory {self.path}: {e.strerror}") from None
+            # fds of the packs it deletes.
+            blob = self._record(self._reader(pack), offset, size)
         data = blob[CHECK_SIZE:]
         if len(data) != size or _check(chunk_id, data) != blob[:CHECK_SIZE]:
             with self._lock:
-                self._query("DELETE FROM chunk WHERE id = ? AND pack = ?", (chunk_id, pack))
-                self._forget(pack)  # the fd may be of a deleted pack whose id came back
+                if not self.read_only and not self._closed:
+                    self._query("DELETE FROM chunk WHERE id = ? "
+                                "AND CAST(pack AS INTEGER) = ?", (chunk_id, pack))
+                self._forget(pack)
             return None
         self._touch(pack)
         return data
@@ -154,6 +198,8 @@ class DiskCache:
         than the write); until then this process finds them in ``_pending``.
         After the close, a put (from a writer left to go on) is dropped.
         """
+        if self.read_only:
+            raise DiskFull(f"cache directory {self.path}: {self.read_only} (it is only read)")
         record = _check(chunk_id, data) + data
         with self._lock:
             if self._closed:
@@ -176,13 +222,31 @@ class DiskCache:
                 self._flush()
 
     def flush_due(self) -> bool:
-        """Rows wait at most _FLUSH_AFTER seconds for their commit."""
-        return bool(self._pending) and time.monotonic() - self._flushed > _FLUSH_AFTER
+        """Whether ``flush`` has work: rows wait at most _FLUSH_AFTER
+        seconds for their commit, and read descriptors _RELEASE_AFTER for
+        a look at whether their packs were deleted."""
+        now = time.monotonic()
+        return (bool(self._pending) and now - self._flushed > _FLUSH_AFTER) \
+            or (bool(self._fds) and now - self._released > _RELEASE_AFTER)
 
     def flush(self) -> None:
         with self._lock:
             if not self._closed:
                 self._flush()
+                self._release_deleted()
+
+    def _release_deleted(self) -> None:
+        """Close the descriptors of packs that another process deleted (a
+        prune): held open, their room would stay taken while this process
+        lives."""
+        self._released = time.monotonic()
+        for pack, fd in list(self._fds.items()):
+            try:
+                deleted = os.fstat(fd).st_nlink == 0
+            except OSError:
+                deleted = True
+            if deleted:
+                self._forget(pack)
 
     def _flush(self):
         """Commit the pending rows, and prune if the cache outgrew its budget."""
@@ -201,7 +265,7 @@ class DiskCache:
                 self._db.executemany("INSERT OR IGNORE INTO chunk VALUES (?, ?, ?, ?)", rows)
             except sqlite3.Error as e:
                 raise self._index_error(e) from None
-            total = self._query("SELECT COALESCE(SUM(bytes), 0) FROM pack").fetchone()[0]
+            total = self._query("SELECT TOTAL(CAST(bytes AS INTEGER)) FROM pack").fetchone()[0]
             self._query("COMMIT")
         except BaseException:
             if self._db.in_transaction:
@@ -222,8 +286,8 @@ class DiskCache:
             self._flush()
             entries = self._query("SELECT COUNT(*) FROM chunk").fetchone()[0]
             packs, total, oldest, newest = self._query(
-                "SELECT COUNT(*), COALESCE(SUM(bytes), 0), MIN(used), MAX(used) "
-                "FROM pack").fetchone()
+                "SELECT COUNT(*), CAST(TOTAL(CAST(bytes AS INTEGER)) AS INTEGER), "
+                "MIN(CAST(used AS REAL)), MAX(CAST(used AS REAL)) FROM pack").fetchone()
             on_disk = sum(self._file_size(pack) for pack in self._pack_files())
         return Usage(entries, total, packs, oldest, newest, on_disk)
 
@@ -233,10 +297,11 @@ class DiskCache:
         whose rows were never committed, after a crash, included), and
         pack files that no row lists; returns bytes freed."""
         with self._lock:
+            freed = self._make_room(max_bytes) if self.read_only else 0
             self._flush()
             self._query("BEGIN IMMEDIATE")  # no new pack row meanwhile
             try:
-                freed = self._remove_unlisted()
+                freed += self._remove_unlisted()
             finally:
                 self._query("COMMIT")
             return freed + self._prune(max_bytes, on_disk=True)
@@ -263,39 +328,48 @@ class DiskCache:
     def _remove_unlisted(self) -> int:
         """Delete pack files without a row (a prune that died between its
         commit and its unlinks), in a write transaction: a new pack's row
-        is committed before its file is made, and ids are reused."""
+        is committed before its file is made."""
         listed = {row[0] for row in self._query("SELECT id FROM pack")}
-        freed = 0
-        for pack in self._pack_files() - listed:
-            freed += self._file_size(pack)
-            try:
-                os.unlink(self._pack_file(pack))
-            except FileNotFoundError:
-                pass
-        return freed
+        return self._unlink(self._pack_files() - listed)
 
     def _pack_files(self) -> set[int]:
         """The ids of the pack files in the directory."""
         files = set()
         for name in os.listdir(self.packs):
             stem, dot, suffix = name.partition(".")
-            if stem.isdigit() and dot and suffix == "pack":
+            if stem.isascii() and stem.isdigit() and stem == str(int(stem)) \
+                    and dot and suffix == "pack":
                 files.add(int(stem))
         return files
 
     def _prune(self, max_bytes, on_disk=False):
+        try:
+            return self._unlink(self._drop_lru(max_bytes, on_disk))
+        except DiskFull:
+            # Recording the deletion takes room the disk has not: the
+            # files go first (their rows read as misses until the second
+            # try takes them out).
+            freed = self._unlink(self._lru_beyond(max_bytes, on_disk))
+            return freed + self._unlink(self._drop_lru(max_bytes, on_disk))
+
+    def _make_room(self, max_bytes) -> int:
+        """Prune an index that could only be opened to read (a full disk):
+        delete the files of the packs to go, then open it to write."""
+        freed = self._unlink(self._lru_beyond(max_bytes, on_disk=True))
+        self._db.close()
+        try:
+            self._db = self._open(create=False)
+        except (sqlite3.Error, OSError) as e:
+            raise CafuseError(f"cache directory {self.path}: {_reason(e)}") from None
+        self.read_only = None
+        return freed
+
+    def _drop_lru(self, max_bytes, on_disk) -> list[int]:
+        """Take the least recently used packs beyond ``max_bytes`` out of
+        the index; their ids."""
         self._query("BEGIN IMMEDIATE")
         try:
-            packs = self._query("SELECT id, bytes FROM pack ORDER BY used").fetchall()
-            if on_disk:
-                packs = [(pack, max(size, self._file_size(pack))) for pack, size in packs]
-            total = sum(size for _id, size in packs)
-            freed, doomed = 0, []
-            for pack, size in packs:
-                if total - freed <= max_bytes:
-                    break
-                doomed.append(pack)
-                freed += size
+            doomed = self._lru_beyond(max_bytes, on_disk)
             for pack in doomed:
                 self._query("DELETE FROM chunk WHERE pack = ?", (pack,))
                 self._query("DELETE FROM pack WHERE id = ?", (pack,))
@@ -304,16 +378,38 @@ class DiskCache:
             if self._db.in_transaction:
                 self._query("ROLLBACK")
             raise
-        for pack in doomed:
+        return doomed
+
+    def _lru_beyond(self, max_bytes, on_disk) -> list[int]:
+        packs = self._query("SELECT id, CAST(bytes AS INTEGER) FROM pack "
+                            "ORDER BY used").fetchall()
+        if on_disk:
+            packs = [(pack, max(size, self._file_size(pack))) for pack, size in packs]
+        left, doomed = sum(size for _id, size in packs), []
+        for pack, size in packs:
+            if left <= max_bytes:
+                break
+            doomed.append(pack)
+            left -= size
+        return doomed
+
+    def _unlink(self, packs) -> int:
+        """Delete the files of ``packs``; the bytes they held."""
+        freed = 0
+        for pack in packs:
             self._forget(pack)
+            size = self._file_size(pack)
             try:
                 os.unlink(self._pack_file(pack))
+                freed += size
             except FileNotFoundError:
                 pass
         return freed
 
     def _writer(self):
         """This process's pack to append to: (pack id, fd, end offset)."""
+        if self._writing is not None and os.fstat(self._writing[1]).st_nlink == 0:
+            self._forget(self._writing[0])  # pruned by another process
         if self._writing is not None and self._writing[2] < self._pack_limit:
             return self._writing
         if self._writing is not None:  # full: record its rows, then seal it
@@ -349,6 +445,17 @@ class DiskCache:
                 return None
         return fd
 
+    def _record(self, fd, offset, size) -> bytes:
+        """The record at ``offset`` of the pack open as ``fd``, or b"" if
+        the pack holds no record that large there."""
+        try:
+            if fd is None or offset < 0 or size < 0 \
+                    or offset + CHECK_SIZE + size > os.fstat(fd).st_size:
+                return b""
+            return os.pread(fd, CHECK_SIZE + size, offset)
+        except OSError as e:
+            raise CafuseError(f"cache directory {self.path}: {e.strerror}") from None
+
     def _forget(self, pack):
         fd = self._fds.pop(pack, None)
         if fd is not None:
@@ -362,7 +469,7 @@ class DiskCache:
 
     def _touch(self, pack):
         now = time.time()
-        if now - self._touched.get(pack, 0) > _TOUCH_AFTER:
+        if now - self._touched.get(pack, 0) > _TOUCH_AFTER and not self.read_only:
             self._touched[pack] = now
             with self._lock:
                 if not self._closed:
@@ -387,6 +494,29 @@ class DiskCache:
         if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
             return DiskFull(f"cache directory {self.path}: {error}")
         return CafuseError(f"cache index {self.path}: {error}")
+
+
+def _tables(db: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _version(db: sqlite3.Connection) -> int:
+    return db.execute("PRAGMA user_version").fetchone()[0]
+
+
+def _set_up(db: sqlite3.Connection) -> None:
+    """Make the tables, or bring a version 0 index to this one (in the
+    caller's write transaction, so two processes cannot both do it)."""
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'pack'").fetchone():
+        db.execute(_PACK_TABLE.format(name="pack_v1"))
+        db.execute("INSERT INTO pack_v1 SELECT id, bytes, used FROM pack")
+        db.execute("DROP TABLE pack")
+        db.execute("ALTER TABLE pack_v1 RENAME TO pack")
+    else:
+        db.execute(_PACK_TABLE.format(name="pack"))
+    db.execute(_CHUNK_TABLE)
+    db.execute(_CHUNK_INDEX)
+    db.execute(f"PRAGMA user_version = {_VERSION}")
 
 
 def _check(chunk_id: bytes, data: bytes) -> bytes:

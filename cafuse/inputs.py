@@ -43,6 +43,7 @@ class Options:
     seeds: list[str] = field(default_factory=list)
     memory_bytes: int = DEFAULT_MEMORY_BYTES
     deadline: float = 60.0
+    fill_cache: bool = False  # prefetch: a disk cache that cannot be written is an error
 
 
 @dataclass
@@ -173,13 +174,25 @@ def make_engine(index_spec: str, index: Index, options: Options) -> ChunkEngine:
               for s in options.stores or [default_store(index_spec)]]
     disk = None
     if not options.no_cache:
-        try:
-            disk = DiskCache(options.cache_dir or default_dir(), options.cache_bytes)
-        except CafuseError as e:
-            log.warning("%s; going on without the disk cache", e)
+        disk = _disk_cache(options)
     return ChunkEngine(stores, index.digest, disk=disk,
                        seeds=[parse_seed(s) for s in options.seeds],
                        memory_bytes=options.memory_bytes, deadline=options.deadline)
+
+
+def _disk_cache(options: Options) -> DiskCache | None:
+    try:
+        disk = DiskCache(options.cache_dir or default_dir(), options.cache_bytes)
+    except CafuseError as e:
+        if options.fill_cache:
+            raise
+        log.warning("%s; going on without the disk cache", e)
+        return None
+    if disk.read_only and options.fill_cache:  # otherwise its first put warns
+        disk.close()
+        raise CafuseError(f"cache directory {disk.path}: {disk.read_only}: "
+                          f"it can only be read")
+    return disk
 
 
 async def open_input(path: str, options: Options | None = None) -> Input:

@@ -345,6 +345,15 @@ def test_cache_commands_make_no_cache_where_there_is_none(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_prefetch_without_a_cache_to_fill_fails_before_fetching(casync_archive, tmp_path):
+    made = casync_archive("blob1m")
+    (tmp_path / "a-file").write_text("")
+    fails("prefetch", "--cache-dir", tmp_path / "a-file", "-s", made.store, made.index,
+          match=f"cache directory {tmp_path / 'a-file'}: ")
+    done = run("prefetch", "--cache-dir", "", "-s", made.store, made.index, ok=False)
+    assert done.returncode == 2 and b"--cache-dir: an empty name is no directory" in done.stderr
+
+
 def test_a_seed_must_be_a_local_index_and_its_blob(casync_archive, tmp_path):
     made = casync_archive("blob1m")
     fails("cat", "--seed", f"{made.index}:{tmp_path}", made.index,

@@ -1,9 +1,12 @@
 """Disk cache faults found in review: pack ids reused after a prune, a
-prune that died before its unlink, a corrupt index, a full disk."""
+prune that died before its unlink, a corrupt index or row, a full disk,
+descriptors of packs pruned by another process."""
 
 import errno
 import hashlib
 import os
+import sqlite3
+import subprocess
 import threading
 
 import pytest
@@ -187,9 +190,8 @@ def test_a_cache_dir_that_is_no_cache_says_what_to_do(tmp_path):
 
 def test_a_prune_never_deletes_a_pack_made_meanwhile(tmp_path, monkeypatch):
     # A prune that died between its commit and its unlink left 1.pack with
-    # no row; pack ids are reused, so another process's new pack 1, made
-    # between the next prune's look at the rows and its unlink, must not
-    # be taken for it.
+    # no row; another process's new pack, made between the next prune's
+    # look at the rows and its unlink, must not be taken for one such.
     old, new = b"o" * 4096, b"n" * 4096
     c = DiskCache(str(tmp_path), 1 << 30)
     c.put(cid(old), old); c.close()
@@ -213,3 +215,157 @@ def test_a_prune_never_deletes_a_pack_made_meanwhile(tmp_path, monkeypatch):
     threads[0].join(timeout=30)
     monkeypatch.setattr(os, "unlink", real_unlink)
     assert writer.get(cid(new)) == new
+
+
+def _pruned_under(tmp_path, writer):
+    """``writer`` has a pack of its own; another process prunes everything,
+    and a third writes a chunk of its own (in a new pack)."""
+    first = b"a" * 5000
+    writer.put(cid(first), first); writer.flush()
+    pruner = DiskCache(str(tmp_path), 1 << 30)
+    pruner.prune(0); pruner.close()
+    other, data = DiskCache(str(tmp_path), 1 << 30), os.urandom(3000)
+    other.put(cid(data), data); other.close()
+    return data
+
+
+def test_pack_ids_are_not_reused_after_a_prune(tmp_path):
+    a = DiskCache(str(tmp_path), 1 << 30)
+    other = _pruned_under(tmp_path, a)
+    mine = os.urandom(7000)
+    a.put(cid(mine), mine)
+    assert os.fstat(a._writing[1]).st_nlink == 1   # not its deleted pack
+    a.close()
+    c = DiskCache(str(tmp_path), 1 << 30)
+    assert c.get(cid(mine)) == mine and c.get(cid(other)) == other
+    usage = c.usage()
+    assert usage.bytes == usage.on_disk == 2 * 32 + 3000 + 7000
+    c.close()
+
+
+def test_an_index_of_version_0_is_moved_over_without_losing_chunks(tmp_path):
+    data = b"v0" * 1000
+    c = DiskCache(str(tmp_path), 1 << 30)
+    c.put(cid(data), data); c.close()
+    db = sqlite3.connect(tmp_path / "index.sqlite")  # as version 0 made it
+    db.executescript("""CREATE TABLE p0 (id INTEGER PRIMARY KEY, bytes INTEGER NOT NULL,
+                                         used REAL NOT NULL);
+                        INSERT INTO p0 SELECT * FROM pack; DROP TABLE pack;
+                        ALTER TABLE p0 RENAME TO pack; PRAGMA user_version = 0;""")
+    db.close()
+    c = DiskCache(str(tmp_path), 1 << 30)
+    assert c.get(cid(data)) == data
+    c.prune(0)
+    more = b"v1" * 1000
+    c.put(cid(more), more); c.flush()
+    assert c._writing[0] == 2                    # not pack 1 again
+    c.close()
+
+
+def test_a_prune_elsewhere_frees_the_packs_a_reader_holds_open(tmp_path):
+    a = DiskCache(str(tmp_path), 1 << 30)
+    x = DiskCache(str(tmp_path), 64 << 10 << 4)      # packs of 64 KiB
+    chunks = [os.urandom(40_000) for _ in range(4)]
+    for d in chunks:
+        x.put(cid(d), d)
+    x.close()
+    assert all(a.get(cid(d)) == d for d in chunks)
+    pruner = DiskCache(str(tmp_path), 1 << 30)
+    pruner.prune(0); pruner.close()
+    a._released -= 60                                # its next look is due
+    assert a.flush_due()
+    a.flush()                                        # as the engine's upkeep calls it
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")
+            and os.readlink(f"/proc/self/fd/{fd}").endswith(" (deleted)")]
+    a.close()
+    assert not [path for path in held if path.startswith(str(tmp_path))]
+
+
+@pytest.mark.parametrize("column, value", [
+    ("offset", b"\x00\x9a\xef\x07"),   # one bit flipped in a record's serial type
+    ("offset", 1.5), ("offset", -5), ("size", "abc"),
+    ("size", 1 << 40), ("size", (1 << 63) - 1), ("pack", b"\x01"),
+])
+def test_a_damaged_row_is_a_miss(tmp_path, column, value):
+    d = os.urandom(5000)
+    c = DiskCache(str(tmp_path), 1 << 30)
+    c.put(cid(d), d); c.close()
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    db.execute(f"UPDATE chunk SET {column} = ?", (value,)); db.commit(); db.close()
+    c = DiskCache(str(tmp_path), 1 << 30)
+    got = c.get(cid(d))    # (an offset read as 0 is right here: the only record)
+    assert got == d or (got is None and c.present([cid(d)]) == set())  # its row gone
+    c.close()
+
+
+def test_damaged_pack_rows_and_stray_files_leave_stats_and_prune_working(tmp_path):
+    d = os.urandom(5000)
+    c = DiskCache(str(tmp_path), 1 << 30)
+    c.put(cid(d), d); c.close()
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    db.execute("UPDATE pack SET bytes = x'0001', used = 'then'"); db.commit(); db.close()
+    for name in ("\u00b2.pack", "01.pack", "x.pack"):      # not packs of ours
+        (tmp_path / "packs" / name).write_bytes(b"")
+    c = DiskCache(str(tmp_path), 1 << 30)
+    assert c.usage().entries == 1
+    assert c.prune(0) == 32 + 5000
+    c.close()
+    assert sorted(os.listdir(tmp_path / "packs")) == ["01.pack", "x.pack", "\u00b2.pack"]
+
+
+def test_another_database_is_not_taken_for_a_cache_to_look_at(tmp_path):
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    db.execute("CREATE TABLE mine (x)"); db.commit(); db.close()
+    with pytest.raises(CafuseError, match="no cafuse disk cache there"):
+        DiskCache(str(tmp_path), 1 << 30, create=False)
+    assert os.listdir(tmp_path) == ["index.sqlite"]
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    db.close()
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs holding a cache of one chunk (closed: SQLite has
+    removed its WAL files), then filled by something else."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", fs], check=True)
+    try:
+        data = os.urandom(100_000)
+        c = DiskCache(str(fs / "cache"), 1 << 30)
+        c.put(cid(data), data); c.close()
+        fd = os.open(fs / "filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            while os.write(fd, bytes(4096)):
+                pass
+        except OSError:
+            pass
+        os.close(fd)
+        yield str(fs / "cache"), data
+    finally:
+        subprocess.run(["umount", "-l", fs], check=True)
+
+
+def test_a_full_disk_still_lets_the_cache_be_read(full_disk):
+    path, data = full_disk
+    c = DiskCache(path, 1 << 30)
+    assert c.read_only                               # SQLite could not make its files
+    assert c.get(cid(data)) == data
+    more = b"m" * 1000
+    with pytest.raises(DiskFull, match="it is only read"):
+        c.put(cid(more), more)
+    c.close()
+
+
+def test_a_prune_frees_room_on_a_full_disk(full_disk):
+    path, data = full_disk
+    c = DiskCache(path, 1 << 30)
+    assert c.prune(0) == 32 + len(data)
+    assert not c.read_only
+    assert c.usage().entries == 0
+    c.close()
+    assert os.listdir(os.path.join(path, "packs")) == []
