@@ -88,7 +88,9 @@ async def build_fs(inp: Input):
     if stream.size:
         await stream.read(0, 1)
     path = urlsplit(inp.path).path if is_url(inp.path) else inp.path
-    name = os.path.basename(path.rstrip("/")).removesuffix(".caibx") or "blob"
+    name = os.path.basename(path.rstrip("/")).removesuffix(".caibx")
+    if name in ("", ".", ".."):  # no name a directory entry can have
+        name = "blob"
     return BlobFS(stream, name, mtime_ns)
 
 

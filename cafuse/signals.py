@@ -21,11 +21,22 @@ def heeded(*signums: int) -> list[int]:
 
 def stop_like_sigint(*signums: int) -> None:
     """Make those of ``signums`` that are ``heeded`` raise
-    KeyboardInterrupt as SIGINT does."""
-    def interrupt(signum, _frame):
+    KeyboardInterrupt as SIGINT does, by calling SIGINT's handler (trio's,
+    once it runs).  Where SIGINT itself is ignored, it stays ignored in
+    effect: it is blocked, so that its handler can be Python's, which trio
+    takes over, for the other signals to call."""
+    stoppers = heeded(*signums)
+    if stoppers and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def interrupt(signum, frame):
         _received.append(signum)
-        signal.raise_signal(signal.SIGINT)
-    for signum in heeded(*signums):
+        handler = signal.getsignal(signal.SIGINT)
+        if not callable(handler):
+            raise KeyboardInterrupt
+        handler(signal.SIGINT, frame)
+    for signum in stoppers:
         signal.signal(signum, interrupt)
 
 

@@ -444,6 +444,34 @@ def test_a_signal_ends_a_command_blocked_in_a_write_and_nohup_is_heeded(casync_a
     assert proc.returncode == 1 and b"not delivered within 3 s" in err, err
 
 
+def test_sigterm_ends_a_command_started_with_sigint_ignored(casync_archive):
+    # As a script's background job starts (`cafuse cat ... &`): SIGINT stays
+    # ignored, SIGTERM still ends it, waiting on a store or blocked in a write.
+    blob = casync_archive("blob5m")
+    ignoring_sigint = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", CAFUSE, "cat", "--no-cache"]
+    with FaultServer(blob.store, lambda path, count: "stall") as server:
+        proc = subprocess.Popen([*ignoring_sigint, "--deadline", "30", "-s", server.url,
+                                 blob.index], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 128 + signal.SIGTERM and err == b"", err
+    reading, writing = os.pipe()                  # nobody reads: cat blocks in a write
+    try:
+        proc = subprocess.Popen([*ignoring_sigint, "-s", blob.store, blob.index],
+                                stdout=writing, stderr=subprocess.PIPE)
+        os.close(writing)
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    finally:
+        os.close(reading)
+        kill_quietly(proc)
+
+
 def test_cat_output_dash_and_dev_stdout_are_stdout(casync_archive, tmp_path):
     blob = casync_archive("blob1m")
     for output in ("-", "/dev/stdout"):

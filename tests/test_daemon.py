@@ -1,5 +1,6 @@
 """How `mount --background` ends a child it gives up on (the whole flow,
-with a real mount, is in integration/test_mount.py)."""
+with a real mount, is in integration/test_mount.py), and the file a blob
+mount shows."""
 
 import os
 import subprocess
@@ -7,8 +8,10 @@ import sys
 import threading
 
 import pytest
+import trio
 
 from cafuse import daemon
+from cafuse.inputs import Options, open_input
 
 
 def child(ignores_sigterm: bool) -> subprocess.Popen:
@@ -35,3 +38,20 @@ def test_a_child_given_up_on_is_ended_and_reaped(monkeypatch, ignores_sigterm):
             os.waitpid(proc.pid, 0)
     finally:
         proc.kill()
+
+
+def test_a_blob_file_is_named_after_its_index_or_blob(casync_archive, tmp_path):
+    made = casync_archive("blob1m")
+
+    async def name_for(index_name):
+        index = tmp_path / index_name
+        index.write_bytes(made.index.read_bytes())
+        inp = await open_input(str(index), Options(stores=[str(made.store)], no_cache=True))
+        fs = await daemon.build_fs(inp)
+        await inp.aclose()
+        return fs.name
+
+    for index_name, name in (("disk.img.caibx", b"disk.img"), ("..caibx", b"blob"),
+                             ("...caibx", b"blob"), (".caibx", b"blob"),
+                             (".hidden.caibx", b".hidden")):
+        assert trio.run(name_for, index_name) == name, index_name
