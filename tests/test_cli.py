@@ -421,19 +421,25 @@ def test_cache_stats_shows_pack_bytes_no_row_lists(casync_archive, tmp_path):
     assert f"On disk:       {indexed + 1500} bytes" in stats
 
 
-def test_a_signal_ends_a_command_blocked_in_a_write_and_nohup_is_heeded(casync_archive):
-    blob = casync_archive("blob5m")
-    reading, writing = os.pipe()                  # nobody reads: cat blocks in a write
+def sigterm_in_a_write(*cat):
+    """The exit status of ``cat`` given SIGTERM while it is blocked writing
+    its output into a pipe that nobody reads."""
+    reading, writing = os.pipe()
     try:
-        proc = subprocess.Popen([CAFUSE, "cat", "-s", blob.store, "--no-cache", blob.index],
-                                stdout=writing, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(cat, stdout=writing, stderr=subprocess.PIPE)
         os.close(writing)
         time.sleep(2)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+        return proc.wait(timeout=10)
     finally:
         os.close(reading)
         kill_quietly(proc)
+
+
+def test_a_signal_ends_a_command_blocked_in_a_write_and_nohup_is_heeded(casync_archive):
+    blob = casync_archive("blob5m")
+    assert sigterm_in_a_write(CAFUSE, "cat", "-s", blob.store, "--no-cache",
+                              blob.index) == 128 + signal.SIGTERM
     with FaultServer(blob.store, lambda path, count: "stall") as server:
         proc = subprocess.Popen(["nohup", CAFUSE, "cat", "--no-cache", "--deadline", "3", "-s",
                                  server.url, blob.index], stdout=subprocess.DEVNULL,
@@ -459,17 +465,8 @@ def test_sigterm_ends_a_command_started_with_sigint_ignored(casync_archive):
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=10)
     assert proc.returncode == 128 + signal.SIGTERM and err == b"", err
-    reading, writing = os.pipe()                  # nobody reads: cat blocks in a write
-    try:
-        proc = subprocess.Popen([*ignoring_sigint, "-s", blob.store, blob.index],
-                                stdout=writing, stderr=subprocess.PIPE)
-        os.close(writing)
-        time.sleep(2)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=10) == 128 + signal.SIGTERM
-    finally:
-        os.close(reading)
-        kill_quietly(proc)
+    assert sigterm_in_a_write(*ignoring_sigint, "-s", blob.store,
+                              blob.index) == 128 + signal.SIGTERM
 
 
 def test_cat_output_dash_and_dev_stdout_are_stdout(casync_archive, tmp_path):
