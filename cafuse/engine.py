@@ -456,6 +456,7 @@ class ChunkEngine:
         self._raced = any(not s.store.blocking for s in self._far_stores[:-1])
         self._memory = cachetools.LRUCache(memory_bytes, getsizeof=len) \
             if memory_bytes else None
+        self._big: tuple[bytes | None, bytes] = (None, b"")  # see _remember
         self._loading: dict[bytes, _Shared] = {}
         self._failed = cachetools.TTLCache(4096, FAILURE_MEMORY)
         self._limiter = trio.CapacityLimiter(threads)
@@ -539,7 +540,7 @@ class ChunkEngine:
         def on_arrival(cid, data):
             shared = shares.pop(cid, None)
             if shared is not None:
-                self._remember(cid, data)
+                self._remember(cid, data, shared.priority.urgent)
                 self._settle(cid, shared, data, None)
         error = None
         try:
@@ -600,10 +601,17 @@ class ChunkEngine:
             for k in ks[1:]:
                 results[k] = results[ks[0]]
 
-    def _remember(self, chunk_id, data):
-        # A chunk may be up to 128 MiB; one that would crowd the LRU is not kept.
-        if self._memory is not None and len(data) <= self._memory.maxsize // 4:
+    def _remember(self, chunk_id, data, urgent=True):
+        """Keep a chunk in memory.  A chunk may be up to 128 MiB; one that
+        would crowd the LRU is kept alone, the last one a reader waited
+        for: its reader's next reads (1 MiB each, from the kernel) would
+        otherwise decode it again each time."""
+        if self._memory is None:
+            return
+        if len(data) <= self._memory.maxsize // 4:
             self._memory[chunk_id] = data
+        elif urgent:
+            self._big = (chunk_id, data)
 
     def peek(self, chunk_id: bytes) -> bytes | None:
         """The chunk if it is in memory, else None, at once."""
@@ -611,6 +619,8 @@ class ChunkEngine:
 
     def _from_memory(self, chunk_id):
         data = self._memory.get(chunk_id) if self._memory is not None else None
+        if data is None and self._big[0] == chunk_id:
+            data = self._big[1]
         if data is not None:
             self._account("memory")
         return data

@@ -39,6 +39,7 @@ ROOT = 1                     # the FUSE root node id
 TIMEOUT = 24 * 3600.0        # entry and attribute timeouts: the archive never changes
 SMALL_FILE = 1 << 20         # reading the start of a file up to this size fetches all of it
 READAHEAD_MAX = 32           # chunks ahead of a sequential reader, at most
+READAHEAD_BYTES = 16 << 20   # and bytes (but one chunk at least): big chunks
 PREFETCH_TASKS = 4           # background prefetches at once; more are dropped
 LISTED_ENTRIES = 100_000     # directory entries kept decoded for readdir
 # A directory of more entries is decoded a reply at a time, and only its
@@ -108,7 +109,7 @@ class _Base:
 
     async def _prefetch(self, offset, size):
         try:
-            await self.stream.read(offset, size, urgent=False)
+            await self.stream.preload([(offset, size)], urgent=False)
         except CafuseError as e:
             log.info("prefetch of bytes %d..%d: %s", offset, offset + size, e)
         finally:
@@ -127,7 +128,7 @@ class _Base:
         """While ``reader``'s reads go forward (each starting at most
         ``slack`` bytes after the last one ended), a window of following
         chunks, up to ``end``, is prefetched and doubles up to
-        READAHEAD_MAX."""
+        READAHEAD_MAX chunks (READAHEAD_BYTES at most, past one chunk)."""
         last, window, frontier = self._sequential.get(reader, (None, 0, stop))
         if last is not None and last <= start <= last + slack:
             window = min(max(window * 2, 1), READAHEAD_MAX)
@@ -135,7 +136,8 @@ class _Base:
             window, frontier = 0, stop
         if window and stop < end:
             index = self.stream.index
-            target = min(index.end(min(index.locate(stop) + window, len(index) - 1)), end)
+            target = min(index.end(min(index.locate(stop) + window, len(index) - 1)), end,
+                         stop + READAHEAD_BYTES)
             begin = max(frontier, stop)
             if target > begin and self.prefetch(begin, target - begin):
                 frontier = target

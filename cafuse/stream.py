@@ -43,9 +43,7 @@ class IndexStream:
             parts.append(data)
         if not parts:
             return b""
-        start = offset - self.index.start(span[0])
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        return data[start:start + size]
+        return _cut(parts, offset - self.index.start(span[0]), size)
 
     async def read(self, offset: int, size: int, urgent: bool = True) -> bytes:
         """Bytes ``[offset, offset+size)``; not ``urgent`` for reading
@@ -55,9 +53,7 @@ class IndexStream:
             return data
         span = self.index.span(offset, size)
         parts = await self.engine.get_many(self._wanted(span), urgent=urgent)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        start = offset - self.index.start(span[0])
-        return data[start:start + size]
+        return _cut(parts, offset - self.index.start(span[0]), size) if parts else b""
 
     async def preload(self, ranges: list[tuple[int, int]], urgent: bool = True) -> None:
         """Bring the chunks under ``(offset, size)`` ranges into the memory
@@ -105,6 +101,17 @@ class IndexStream:
 
     async def aclose(self) -> None:
         await self.engine.aclose()
+
+
+def _cut(parts: list[bytes], start: int, size: int) -> bytes:
+    """Bytes ``[start, start+size)`` of the chunks ``parts`` end to end,
+    copying only those (a read of 1 MiB across two 64 MiB chunks)."""
+    if len(parts) == 1:
+        return parts[0][start:start + size]
+    views = [memoryview(part) for part in parts]
+    views[0] = views[0][start:]
+    views[-1] = views[-1][:max(0, size - sum(len(v) for v in views[:-1]))]
+    return b"".join(views)
 
 
 def _batches(index: Index, span: range):

@@ -1,15 +1,17 @@
 """The file systems' FUSE handlers (mount.py), called directly with
 requests as the kernel sends them: no FUSE mount needed."""
 
+import bisect
 import errno
 import os
 import struct
+import subprocess
 
 import cachetools
 import pytest
 import trio
 
-from cafuse import chattr, daemon, mount
+from cafuse import chattr, chunk, daemon, mount
 from cafuse import fuseproto as proto
 from cafuse.errors import ChunkError
 from cafuse.fusesession import FuseError
@@ -275,3 +277,84 @@ def test_ioctl_answers_lsattr_and_refuses_what_does_not_fit(casync_archive):
     flags, no_room, other = trio.run(check)
     assert flags == bytes(16) + struct.pack("<I", oracle.chattr(made.tree / "noatime.txt"))
     assert no_room == other == errno.ENOTTY
+
+
+MiB = 1 << 20
+
+
+def blob_read(offset, size, fh=1):
+    return request(proto.READ, mount.BlobFS.FILE, struct.pack("<QQIIQII", fh, offset, size,
+                                                              0, 0, 0, 0))
+
+
+class BigChunks:
+    """A stream of 64 chunks of 64 MiB (casync --chunk-size=4M:16M:64M of
+    an image of zeros) that records what it is asked for, and keeps
+    nothing: (offset, size, urgent) for reads and preloads."""
+
+    class Index:
+        def __init__(self, n, chunk):
+            self.ends = [chunk * (i + 1) for i in range(n)]
+
+        def __len__(self):
+            return len(self.ends)
+
+        def locate(self, offset):
+            return bisect.bisect_right(self.ends, offset)
+
+        def end(self, i):
+            return self.ends[i]
+
+    def __init__(self):
+        self.index = self.Index(64, 64 * MiB)
+        self.size, self.asked = self.index.ends[-1], []
+
+    async def read(self, offset, size, urgent=True):
+        self.asked.append((offset, size, urgent))
+        return bytes(size)
+
+    async def preload(self, ranges, urgent=True):
+        self.asked.extend((offset, size, urgent) for offset, size in ranges)
+        await trio.sleep(0)
+
+
+def test_readahead_of_big_chunks_is_bounded_in_bytes():
+    stream = BigChunks()
+    fs = mount.BlobFS(stream, "blob", 0)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            fs.nursery = nursery
+            for k in range(40):                      # a sequential reader, as dd
+                await fs.read(blob_read(k * MiB, MiB))
+                await trio.sleep(0)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    ahead = [size for _offset, size, urgent in stream.asked if not urgent]
+    assert ahead and max(ahead) <= mount.READAHEAD_BYTES
+
+
+def test_a_reader_of_a_chunk_too_big_for_the_memory_cache_decodes_it_once(
+        tmp_path, monkeypatch):
+    image = tmp_path / "img"
+    with open(image, "wb") as f:
+        f.truncate(64 * MiB)
+        f.write(b"stamp")
+    index, store = tmp_path / "img.caibx", tmp_path / "store"
+    subprocess.run(["casync", "make", f"--store={store}", "--chunk-size=4M:16M:64M",
+                    index, image], check=True, capture_output=True)
+    decodes, real = [], chunk.decode
+    monkeypatch.setattr(chunk, "decode", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    monkeypatch.setattr(mount, "PREFETCH_TASKS", 0)  # the reader's own reads only
+
+    async def main():
+        inp = await open_input(str(index), Options(stores=[str(store)], no_cache=True))
+        fs = await daemon.build_fs(inp)      # reads the first byte
+        got = [await fs.read(blob_read(k * MiB, MiB)) for k in range(8)]
+        await inp.aclose()
+        return got
+
+    got = trio.run(main)
+    assert got == [b"stamp" + bytes(MiB - 5)] + [bytes(MiB)] * 7
+    assert len(decodes) == 1
