@@ -24,6 +24,7 @@ that is deleted while another process reads it stays readable to that
 process until it closes it.
 """
 
+import contextlib
 import errno
 import os
 import sqlite3
@@ -95,6 +96,9 @@ class DiskCache:
         # Why the index can only be read (a full disk or a read-only
         # directory, where SQLite cannot make the files WAL needs), or None.
         self.read_only: str | None = None
+        # Opened immutable: pages another process rewrites meanwhile may
+        # read as damaged, which is then a miss, not an error.
+        self._immutable = False
         try:
             self._db = self._open(create)
         except sqlite3.Error as e:
@@ -123,6 +127,11 @@ class DiskCache:
             if not create and tables and not {"pack", "chunk"} <= tables:
                 raise CafuseError(f"{self.path}: no cafuse disk cache there "
                                   f"({self._index} is another database)")
+            if tables and not os.access(self._index, os.W_OK):
+                # SQLite opens it read-only without a word (its WAL files are
+                # there: another process has it open), and reads it so.
+                self.read_only = f"{self._index} cannot be written"
+                return db
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             if _version(db) < _VERSION:
@@ -149,6 +158,7 @@ class DiskCache:
         except sqlite3.Error:
             raise CafuseError(f"cache directory {self.path}: {_reason(error)}") from None
         self.read_only = _reason(error)
+        self._immutable = True
         return db
 
     def get(self, chunk_id: bytes) -> bytes | None:
@@ -157,12 +167,12 @@ class DiskCache:
                 return None
             # (CAST: a damaged row reads as numbers, which the record's
             # bounds and check then refuse.)
-            row = self._pending.get(chunk_id) or self._query(
+            rows = [self._pending[chunk_id]] if chunk_id in self._pending else self._rows(
                 "SELECT CAST(pack AS INTEGER), CAST(offset AS INTEGER), "
-                "CAST(size AS INTEGER) FROM chunk WHERE id = ?", (chunk_id,)).fetchone()
-            if row is None:
+                "CAST(size AS INTEGER) FROM chunk WHERE id = ?", (chunk_id,))
+            if not rows:
                 return None
-            pack, offset, size = row
+            pack, offset, size = rows[0]
             # Read under the lock: a prune in another thread closes the
             # fds of the packs it deletes.
             blob = self._record(self._reader(pack), offset, size)
@@ -187,7 +197,7 @@ class DiskCache:
             for k in range(0, len(chunk_ids), 500):  # SQLite's variable limit
                 part = chunk_ids[k:k + 500]
                 marks = ",".join("?" * len(part))
-                found.update(row[0] for row in self._query(
+                found.update(row[0] for row in self._rows(
                     f"SELECT id FROM chunk WHERE id IN ({marks})", part))
         return found
 
@@ -199,7 +209,7 @@ class DiskCache:
         After the close, a put (from a writer left to go on) is dropped.
         """
         if self.read_only:
-            raise DiskFull(f"cache directory {self.path}: {self.read_only} (it is only read)")
+            raise DiskFull(f"cache directory {self.path}: {self.read_only}; it is only read")
         record = _check(chunk_id, data) + data
         with self._lock:
             if self._closed:
@@ -227,7 +237,8 @@ class DiskCache:
         a look at whether their packs were deleted."""
         now = time.monotonic()
         return (bool(self._pending) and now - self._flushed > _FLUSH_AFTER) \
-            or (bool(self._fds) and now - self._released > _RELEASE_AFTER)
+            or ((bool(self._fds) or self._writing is not None)
+                and now - self._released > _RELEASE_AFTER)
 
     def flush(self) -> None:
         with self._lock:
@@ -237,16 +248,19 @@ class DiskCache:
 
     def _release_deleted(self) -> None:
         """Close the descriptors of packs that another process deleted (a
-        prune): held open, their room would stay taken while this process
-        lives."""
+        prune), to read or to append to: held open, their room would stay
+        taken while this process lives."""
         self._released = time.monotonic()
-        for pack, fd in list(self._fds.items()):
+        held = list(self._fds.items())
+        if self._writing is not None:
+            held.append(self._writing[:2])
+        for pack, fd in held:
             try:
                 deleted = os.fstat(fd).st_nlink == 0
             except OSError:
                 deleted = True
             if deleted:
-                self._forget(pack)
+                self._forget(pack)  # also the pack being written, and its rows
 
     def _flush(self):
         """Commit the pending rows, and prune if the cache outgrew its budget."""
@@ -471,7 +485,7 @@ class DiskCache:
         now = time.time()
         if now - self._touched.get(pack, 0) > _TOUCH_AFTER and not self.read_only:
             self._touched[pack] = now
-            with self._lock:
+            with self._lock, contextlib.suppress(CafuseError):  # only an LRU order
                 if not self._closed:
                     self._query("UPDATE pack SET used = ? WHERE id = ?", (now, pack))
 
@@ -489,6 +503,16 @@ class DiskCache:
             return self._db.execute(sql, args)
         except sqlite3.Error as e:
             raise self._index_error(e) from None
+
+    def _rows(self, sql, args) -> list:
+        """The rows a lookup finds; none where an index opened immutable
+        reads pages that another process was rewriting."""
+        try:
+            return self._query(sql, args).fetchall()
+        except (CafuseError, sqlite3.Error) as e:
+            if self._immutable:
+                return []
+            raise self._index_error(e) if isinstance(e, sqlite3.Error) else e from None
 
     def _index_error(self, error: sqlite3.Error) -> CafuseError:
         if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:

@@ -8,6 +8,7 @@ import os
 import sqlite3
 import subprocess
 import threading
+import time
 
 import pytest
 from cafuse.diskcache import DiskCache, DiskFull
@@ -262,6 +263,19 @@ def test_an_index_of_version_0_is_moved_over_without_losing_chunks(tmp_path):
     c.close()
 
 
+def deleted_files_open(under) -> list[str]:
+    """The deleted files under ``under`` that this process holds open."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(under)) and target.endswith(" (deleted)"):
+            out.append(target)
+    return out
+
+
 def test_a_prune_elsewhere_frees_the_packs_a_reader_holds_open(tmp_path):
     a = DiskCache(str(tmp_path), 1 << 30)
     x = DiskCache(str(tmp_path), 64 << 10 << 4)      # packs of 64 KiB
@@ -275,11 +289,9 @@ def test_a_prune_elsewhere_frees_the_packs_a_reader_holds_open(tmp_path):
     a._released -= 60                                # its next look is due
     assert a.flush_due()
     a.flush()                                        # as the engine's upkeep calls it
-    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
-            if os.path.exists(f"/proc/self/fd/{fd}")
-            and os.readlink(f"/proc/self/fd/{fd}").endswith(" (deleted)")]
+    held = deleted_files_open(tmp_path)
     a.close()
-    assert not [path for path in held if path.startswith(str(tmp_path))]
+    assert held == []
 
 
 @pytest.mark.parametrize("column, value", [
@@ -369,3 +381,88 @@ def test_a_prune_frees_room_on_a_full_disk(full_disk):
     assert c.usage().entries == 0
     c.close()
     assert os.listdir(os.path.join(path, "packs")) == []
+
+
+def test_a_prune_elsewhere_frees_the_pack_a_process_was_writing(tmp_path):
+    a = DiskCache(str(tmp_path), 1 << 30)
+    d = os.urandom(100_000)
+    a.put(cid(d), d); a.flush()                      # then idle: no more puts
+    pruner = DiskCache(str(tmp_path), 1 << 30)
+    pruner.prune(0); pruner.close()
+    a._released -= 60                                # its next look is due
+    assert a.flush_due()
+    a.flush()
+    held = deleted_files_open(tmp_path)
+    a.close()
+    assert held == []
+
+
+def test_an_index_opened_immutable_reads_misses_while_another_process_writes(
+        tmp_path, monkeypatch):
+    # Read only and immutable (its WAL files could not be made), while a
+    # process that can write it commits and checkpoints: pages being
+    # rewritten read as damaged, which must be misses, not errors.
+    path = str(tmp_path)
+    seed = DiskCache(path, 1 << 30)
+    seed.put(cid(b"x"), b"x"); seed.close()
+    stop, errors = threading.Event(), []
+
+    def write():
+        w, i = DiskCache(path, 1 << 30), 0
+        while not stop.is_set():
+            d = os.urandom(3000) + i.to_bytes(8, "big")
+            w.put(cid(d), d)
+            i += 1
+        w.close()
+    writer = threading.Thread(target=write)
+    writer.start()
+    cannot_write = sqlite3.OperationalError("attempt to write a readonly database")
+    monkeypatch.setattr(DiskCache, "_open", lambda self, create: (_ for _ in ()).throw(
+        cannot_write))
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                r = DiskCache(path, 1 << 30)
+            except CafuseError:
+                continue                             # the open read a torn page
+            assert r.read_only
+            ids = [row[0] for row in r._rows("SELECT id FROM chunk ORDER BY random() "
+                                             "LIMIT 50", ())]
+            try:
+                r.present(ids)
+                for c in ids:
+                    got = r.get(c)
+                    assert got is None or cid(got) == c
+            except CafuseError as e:
+                errors.append(str(e))
+            r.close()
+    finally:
+        stop.set()
+        writer.join()
+    assert errors == []
+
+
+def test_a_cache_that_cannot_be_written_while_another_process_has_it_open_is_read(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    ro.mkdir()
+    d = b"seed" * 100
+    seed = DiskCache(str(rw), 1 << 30)
+    seed.put(cid(d), d); seed.close()
+    holder = DiskCache(str(rw), 1 << 30)             # a mount elsewhere: WAL files there
+    holder.put(cid(b"h"), b"h"); holder.flush()
+    subprocess.run(["mount", "--bind", rw, ro], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", ro], check=True)
+        c = DiskCache(str(ro), 1 << 30)
+        try:
+            assert c.read_only and c.get(cid(d)) == d and c.get(cid(b"h")) == b"h"
+            with pytest.raises(DiskFull, match="cannot be written; it is only read"):
+                c.put(cid(b"new"), b"new")
+        finally:
+            c.close()
+    finally:
+        subprocess.run(["umount", "-l", ro], check=True)
+        holder.close()
