@@ -42,6 +42,7 @@ _PACK_LIMIT = 64 << 20
 _TOUCH_AFTER = 60  # seconds
 _BATCH = 256      # rows per commit
 _FLUSH_AFTER = 0.25  # seconds
+_ROOM = 1 << 20   # free bytes under which a file system counts as full
 _RELEASE_AFTER = 5.0  # seconds between looks for read descriptors of deleted packs
 # Pack ids are never reused (AUTOINCREMENT): a process that still holds a
 # pruned pack, to read or to append to, must not take a new pack of the same
@@ -127,9 +128,9 @@ class DiskCache:
             if not create and tables and not {"pack", "chunk"} <= tables:
                 raise CafuseError(f"{self.path}: no cafuse disk cache there "
                                   f"({self._index} is another database)")
-            if tables and not os.access(self._index, os.W_OK):
-                # SQLite opens it read-only without a word (its WAL files are
-                # there: another process has it open), and reads it so.
+            if tables and not _writable(db):
+                # SQLite opened it read-only without a word (its WAL files
+                # are there: another process has it open), and reads it so.
                 self.read_only = f"{self._index} cannot be written"
                 return db
             db.execute("PRAGMA journal_mode=WAL")
@@ -367,15 +368,20 @@ class DiskCache:
             return freed + self._unlink(self._drop_lru(max_bytes, on_disk))
 
     def _make_room(self, max_bytes) -> int:
-        """Prune an index that could only be opened to read (a full disk):
-        delete the files of the packs to go, then open it to write."""
-        freed = self._unlink(self._lru_beyond(max_bytes, on_disk=True))
+        """Prune an index that could only be opened to read: where that is
+        for want of room, delete the files of the packs to go first; then
+        open it to write."""
+        freed = 0
+        if _no_room(self.path):
+            freed = self._unlink(self._lru_beyond(max_bytes, on_disk=True))
         self._db.close()
+        self.read_only, self._immutable = None, False
         try:
             self._db = self._open(create=False)
         except (sqlite3.Error, OSError) as e:
             raise CafuseError(f"cache directory {self.path}: {_reason(e)}") from None
-        self.read_only = None
+        if self.read_only:
+            raise CafuseError(f"cache directory {self.path}: {self.read_only}")
         return freed
 
     def _drop_lru(self, max_bytes, on_disk) -> list[int]:
@@ -515,13 +521,38 @@ class DiskCache:
             raise self._index_error(e) if isinstance(e, sqlite3.Error) else e from None
 
     def _index_error(self, error: sqlite3.Error) -> CafuseError:
-        if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        code = getattr(error, "sqlite_errorcode", 0)
+        if code == sqlite3.SQLITE_FULL:
             return DiskFull(f"cache directory {self.path}: {error}")
+        if code & 0xFF == sqlite3.SQLITE_READONLY:  # it became so (or SQLite says so late)
+            self.read_only = f"{self._index} cannot be written"
+            return DiskFull(f"cache directory {self.path}: {error}; it is only read")
         return CafuseError(f"cache index {self.path}: {error}")
 
 
 def _tables(db: sqlite3.Connection) -> set[str]:
     return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _writable(db: sqlite3.Connection) -> bool:
+    """Whether SQLite can write the index: a page written and rolled back
+    (in WAL mode BEGIN IMMEDIATE passes even where that fails)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(f"PRAGMA user_version = {_version(db)}")
+    except sqlite3.OperationalError as e:
+        if getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
+            return False
+        raise
+    finally:
+        db.execute("ROLLBACK")
+    return True
+
+
+def _no_room(path: str) -> bool:
+    """Whether the file system of ``path`` has (almost) no room left."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize < _ROOM
 
 
 def _version(db: sqlite3.Connection) -> int:

@@ -177,16 +177,17 @@ class _Base:
 
 
 def _sys_admin(req) -> bool:
-    """Whether the caller has CAP_SYS_ADMIN, without which the kernel hides
-    trusted.* xattrs (ext4 and tmpfs leave them out of its listing too; a
-    getxattr of one never reaches us).  FUSE gives the caller's pid, /proc
-    its effective capabilities, which count only in the user namespace of
-    this process (the initial one, for a mount made by root: the kernel
-    asks for the capability there).  A caller gone, or not to be seen (pid
-    0: another pid namespace), is judged by being root."""
+    """Whether the caller has CAP_SYS_ADMIN in the initial user namespace,
+    without which the kernel hides trusted.* xattrs (ext4 and tmpfs leave
+    them out of its listing too; a getxattr of one never reaches us).  FUSE
+    gives the caller's pid; /proc, readable by anyone, its effective
+    capabilities and its user namespace's uid map, which only the initial
+    namespace has whole.  A caller gone, or not to be seen (pid 0: another
+    pid namespace), is judged by being root."""
     try:
-        if os.stat(f"/proc/{req.pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino:
-            return False
+        with open(f"/proc/{req.pid}/uid_map", "rb") as f:
+            if f.read().split() != [b"0", b"0", b"4294967295"]:
+                return False
         with open(f"/proc/{req.pid}/status", "rb") as f:
             for line in f:
                 if line.startswith(b"CapEff:"):

@@ -466,3 +466,32 @@ def test_a_cache_that_cannot_be_written_while_another_process_has_it_open_is_rea
     finally:
         subprocess.run(["umount", "-l", ro], check=True)
         holder.close()
+
+
+
+def test_a_write_sqlite_refuses_as_read_only_makes_the_cache_read_only(tmp_path):
+    # SQLite may find out only when it writes that it cannot (a WAL index
+    # it could not open to write): that is DiskFull, a warning, and the
+    # cache is still read, not an error that (three in a row) closes it.
+    d = b"kept" * 100
+    c = DiskCache(str(tmp_path), 1 << 30)
+    c.put(cid(d), d); c.close()
+    c = DiskCache(str(tmp_path), 1 << 30)
+    real, refused = c._db, sqlite3.OperationalError("attempt to write a readonly database")
+    refused.sqlite_errorcode = sqlite3.SQLITE_READONLY
+
+    class Refusing:
+        in_transaction = False
+
+        def execute(self, sql, args=()):
+            if sql.startswith(("INSERT", "UPDATE", "DELETE")):
+                raise refused
+            return real.execute(sql, args)
+
+        def close(self):
+            real.close()
+    c._db = Refusing()
+    with pytest.raises(DiskFull, match="it is only read"):
+        c.put(cid(b"new"), b"new")
+    assert c.read_only and c.get(cid(d)) == d
+    c.close()

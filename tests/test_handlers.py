@@ -6,6 +6,8 @@ import errno
 import os
 import struct
 import subprocess
+import sys
+import time
 
 import cachetools
 import pytest
@@ -358,3 +360,37 @@ def test_a_reader_of_a_chunk_too_big_for_the_memory_cache_decodes_it_once(
     got = trio.run(main)
     assert got == [b"stamp" + bytes(MiB - 5)] + [bytes(MiB)] * 7
     assert len(decodes) == 1
+
+
+SYS_ADMIN = ("import sys, types; from cafuse.mount import _sys_admin; "
+             "print(_sys_admin(types.SimpleNamespace(pid=int(sys.argv[1]), uid=0)))")
+WITHOUT_SYS_ADMIN = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin"]
+IN_A_USER_NAMESPACE = ["unshare", "--user", "--map-root-user"]
+AS_A_USER = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.mark.parametrize("mount_by, caller, sees", [
+    ([], [], True), ([], WITHOUT_SYS_ADMIN, False), ([], IN_A_USER_NAMESPACE, False),
+    (AS_A_USER, [], True), (AS_A_USER, WITHOUT_SYS_ADMIN, False),
+    (AS_A_USER, IN_A_USER_NAMESPACE, False),
+], ids=["root", "root without it", "root of a user namespace", "a user's mount: root",
+        "a user's mount: root without it", "a user's mount: root of a user namespace"])
+def test_trusted_names_are_listed_to_callers_with_cap_sys_admin_of_the_initial_namespace(
+        mount_by, caller, sees):
+    # As the kernel decides for trusted.* (capable(), in the initial user
+    # namespace), whichever user made the mount; all callers here are uid 0.
+    if os.geteuid() != 0:
+        pytest.skip("callers without the capability are made by root")
+    proc = subprocess.Popen([*caller, "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{proc.pid}/comm").read() != "sleep\n" \
+                and time.monotonic() < deadline:     # set up, then exec'd
+            time.sleep(0.01)
+        judged = subprocess.run([*mount_by, sys.executable, "-c", SYS_ADMIN, str(proc.pid)],
+                                capture_output=True, text=True, timeout=30,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    finally:
+        proc.kill()
+        proc.wait()
+    assert judged.stdout == f"{sees}\n", judged.stderr
