@@ -53,7 +53,7 @@ class IndexStream:
             return data
         span = self.index.span(offset, size)
         parts = await self.engine.get_many(self._wanted(span), urgent=urgent)
-        return _cut(parts, offset - self.index.start(span[0]), size) if parts else b""
+        return _cut(parts, offset - self.index.start(span[0]), size)
 
     async def preload(self, ranges: list[tuple[int, int]], urgent: bool = True) -> None:
         """Bring the chunks under ``(offset, size)`` ranges into the memory
