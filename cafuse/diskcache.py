@@ -42,7 +42,7 @@ _PACK_LIMIT = 64 << 20
 _TOUCH_AFTER = 60  # seconds
 _BATCH = 256      # rows per commit
 _FLUSH_AFTER = 0.25  # seconds
-_ROOM = 1 << 20   # free bytes under which a file system counts as full
+_BUSY_MS = 30_000  # how long to wait for another process's write
 _RELEASE_AFTER = 5.0  # seconds between looks for read descriptors of deleted packs
 # Pack ids are never reused (AUTOINCREMENT): a process that still holds a
 # pruned pack, to read or to append to, must not take a new pack of the same
@@ -121,14 +121,14 @@ class DiskCache:
                 os.makedirs(self.path, exist_ok=True)
         except OSError as e:
             raise CafuseError(f"cache directory {self.path}: {_reason(e)}") from None
-        db = sqlite3.connect(self._index, timeout=30, check_same_thread=False,
+        db = sqlite3.connect(self._index, timeout=_BUSY_MS / 1000, check_same_thread=False,
                              isolation_level=None)
         try:
             tables = _tables(db)
             if not create and tables and not {"pack", "chunk"} <= tables:
                 raise CafuseError(f"{self.path}: no cafuse disk cache there "
                                   f"({self._index} is another database)")
-            if tables and not _writable(db):
+            if tables and not _writable(db, self._index):
                 # SQLite opened it read-only without a word (its WAL files
                 # are there: another process has it open), and reads it so.
                 self.read_only = f"{self._index} cannot be written"
@@ -368,11 +368,11 @@ class DiskCache:
             return freed + self._unlink(self._drop_lru(max_bytes, on_disk))
 
     def _make_room(self, max_bytes) -> int:
-        """Prune an index that could only be opened to read: where that is
-        for want of room, delete the files of the packs to go first; then
-        open it to write."""
+        """Prune an index that could only be opened to read: where SQLite
+        could not make its WAL files (no room, or no quota, left), delete
+        the files of the packs to go first; then open it to write."""
         freed = 0
-        if _no_room(self.path):
+        if self._immutable:
             freed = self._unlink(self._lru_beyond(max_bytes, on_disk=True))
         self._db.close()
         self.read_only, self._immutable = None, False
@@ -534,25 +534,27 @@ def _tables(db: sqlite3.Connection) -> set[str]:
     return {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
 
 
-def _writable(db: sqlite3.Connection) -> bool:
+def _writable(db: sqlite3.Connection, index: str) -> bool:
     """Whether SQLite can write the index: a page written and rolled back
-    (in WAL mode BEGIN IMMEDIATE passes even where that fails)."""
-    db.execute("BEGIN IMMEDIATE")
+    (in WAL mode BEGIN IMMEDIATE passes even where that fails).  Without
+    waiting for another process's write: access(2) answers then."""
+    db.execute("PRAGMA busy_timeout = 0")
     try:
-        db.execute(f"PRAGMA user_version = {_version(db)}")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(f"PRAGMA user_version = {_version(db)}")
+        finally:
+            db.execute("ROLLBACK")
     except sqlite3.OperationalError as e:
-        if getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY:
+        code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+        if code == sqlite3.SQLITE_READONLY:
             return False
+        if code == sqlite3.SQLITE_BUSY:
+            return os.access(index, os.W_OK)
         raise
     finally:
-        db.execute("ROLLBACK")
+        db.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
     return True
-
-
-def _no_room(path: str) -> bool:
-    """Whether the file system of ``path`` has (almost) no room left."""
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize < _ROOM
 
 
 def _version(db: sqlite3.Connection) -> int:

@@ -176,18 +176,29 @@ class _Base:
                           self.mtime_ns if mtime_ns is None else mtime_ns, rdev, nlink)
 
 
+_WHOLE_MAP = [b"0", b"0", b"4294967295"]
+
+
+def _whole_map(pid) -> bool:
+    with open(f"/proc/{pid}/uid_map", "rb") as f:
+        return f.read().split() == _WHOLE_MAP
+
+
 def _sys_admin(req) -> bool:
     """Whether the caller has CAP_SYS_ADMIN in the initial user namespace,
     without which the kernel hides trusted.* xattrs (ext4 and tmpfs leave
     them out of its listing too; a getxattr of one never reaches us).  FUSE
     gives the caller's pid; /proc, readable by anyone, its effective
-    capabilities and its user namespace's uid map, which only the initial
-    namespace has whole.  A caller gone, or not to be seen (pid 0: another
-    pid namespace), is judged by being root."""
+    capabilities and its user namespace's uid map, which the initial
+    namespace has whole (a namespace made by root may have it too: where
+    this process is in the initial one, the caller must be in this one).
+    A caller gone, or not to be seen (pid 0: another pid namespace), is
+    judged by being root."""
     try:
-        with open(f"/proc/{req.pid}/uid_map", "rb") as f:
-            if f.read().split() != [b"0", b"0", b"4294967295"]:
-                return False
+        if not _whole_map(req.pid):
+            return False
+        if _whole_map("self") and _namespace(req.pid) not in (None, _namespace("self")):
+            return False
         with open(f"/proc/{req.pid}/status", "rb") as f:
             for line in f:
                 if line.startswith(b"CapEff:"):
@@ -195,6 +206,14 @@ def _sys_admin(req) -> bool:
     except (OSError, ValueError):
         pass
     return req.uid == 0
+
+
+def _namespace(pid) -> int | None:
+    """The user namespace of ``pid``, if this process may look."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/user").st_ino
+    except PermissionError:
+        return None
 
 
 def _sized(value: bytes, size: int) -> bytes:

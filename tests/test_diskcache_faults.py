@@ -7,6 +7,7 @@ import hashlib
 import os
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 
@@ -495,3 +496,29 @@ def test_a_write_sqlite_refuses_as_read_only_makes_the_cache_read_only(tmp_path)
         c.put(cid(b"new"), b"new")
     assert c.read_only and c.get(cid(d)) == d
     c.close()
+
+
+HOLD_THE_WRITE_LOCK = """import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+db.execute("BEGIN IMMEDIATE"); print("held", flush=True); time.sleep(float(sys.argv[2]))
+db.execute("ROLLBACK")"""
+
+
+def test_an_open_neither_waits_for_another_processes_write_nor_takes_it_for_read_only(
+        tmp_path):
+    c = DiskCache(str(tmp_path), 1 << 30)
+    c.put(cid(b"kept"), b"kept"); c.close()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_WRITE_LOCK,
+                               str(tmp_path / "index.sqlite"), "5"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        start = time.monotonic()
+        c = DiskCache(str(tmp_path), 1 << 30)
+        waited = time.monotonic() - start
+        assert (c.read_only, c._immutable) == (None, False)
+        assert c.get(cid(b"kept")) == b"kept"
+        c.close()
+    finally:
+        holder.wait()
+    assert waited < 2.5          # not the 5 s the lock is held

@@ -2,8 +2,10 @@
 requests as the kernel sends them: no FUSE mount needed."""
 
 import bisect
+import ctypes
 import errno
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -394,3 +396,27 @@ def test_trusted_names_are_listed_to_callers_with_cap_sys_admin_of_the_initial_n
         proc.kill()
         proc.wait()
     assert judged.stdout == f"{sees}\n", judged.stderr
+
+
+def test_root_of_a_user_namespace_given_the_whole_identity_map_sees_no_trusted_names():
+    # Its uid_map reads as the initial namespace's, but its capabilities
+    # count only in its own (the kernel hides trusted.* from it).
+    if os.geteuid() != 0:
+        pytest.skip("giving a namespace the whole map takes root")
+    made, go = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # no exec, which would drop the capabilities it has there
+        ctypes.CDLL(None, use_errno=True).unshare(0x10000000)  # CLONE_NEWUSER
+        os.write(go, b"x")
+        time.sleep(30)
+        os._exit(0)
+    try:
+        os.read(made, 1)
+        with open(f"/proc/{pid}/uid_map", "w") as f:
+            f.write("0 0 4294967295")
+        judged = subprocess.run([sys.executable, "-c", SYS_ADMIN, str(pid)],
+                                capture_output=True, text=True, timeout=30)
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert judged.stdout == "False\n", judged.stderr
