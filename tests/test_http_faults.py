@@ -26,6 +26,19 @@ async def serve(nursery, handler):
     return f"http://127.0.0.1:{port}"
 
 
+@contextlib.asynccontextmanager
+async def client_of(handler, **options):
+    """A Client of a server that runs ``handler`` on each connection; both
+    are gone afterwards."""
+    async with trio.open_nursery() as nursery:
+        client = Client(await serve(nursery, handler), **options)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+
 async def read_request(stream):
     buf = b""
     while b"\r\n\r\n" not in buf:
@@ -214,11 +227,9 @@ async def test_an_endless_body_is_cut_at_the_bound():
                 await stream.send_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
                 while True:
                     await stream.send_all(bytes(1 << 16))
-    async with trio.open_nursery() as n:
-        c = Client(await serve(n, endless), max_body=1 << 20)
+    async with client_of(endless, max_body=1 << 20) as c:
         with pytest.raises(HTTPError, match="goes on past 1048576 bytes"):
             await c.get("chunk")
-        n.cancel_scope.cancel()
 
 
 async def test_a_redirect_elsewhere_is_followed_without_the_extra_headers():
@@ -247,11 +258,9 @@ async def test_a_redirect_loop_ends_in_a_clear_error():
         while await read_request(stream):
             await stream.send_all(b"HTTP/1.1 301 Moved\r\nLocation: /again\r\n"
                                   b"Content-Length: 0\r\n\r\n")
-    async with trio.open_nursery() as n:
-        c = Client(await serve(n, loop))
+    async with client_of(loop) as c:
         with pytest.raises(HTTPError, match="/again: more than 5 redirects"):
             await c.get("chunk")
-        n.cancel_scope.cancel()
 
 
 async def test_a_timeout_after_part_of_the_answer_says_how_much_came():
@@ -259,11 +268,9 @@ async def test_a_timeout_after_part_of_the_answer_says_how_much_came():
         if await read_request(stream):
             await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok")
             await trio.sleep(5)
-    async with trio.open_nursery() as n:
-        c = Client(await serve(n, half))
+    async with client_of(half) as c:
         with pytest.raises(HTTPError, match=r"answer incomplete after 0.3 s \(2 of 10 bytes\)"):
             await c.get_in_slot("chunk", timeout=0.3)
-        n.cancel_scope.cancel()
 
 
 async def test_the_chunk_is_asked_for_as_it_is_and_a_coded_answer_refused():
@@ -274,12 +281,10 @@ async def test_the_chunk_is_asked_for_as_it_is_and_a_coded_answer_refused():
         asked.append(await read_request(stream))
         await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n"
                               b"Content-Length: 2\r\n\r\nok")
-    async with trio.open_nursery() as n:
-        c = Client(await serve(n, gzipping))
+    async with client_of(gzipping) as c:
         with pytest.raises(HTTPError, match="in the content coding gzip, not as it is"):
             await c.get("chunk")
         assert b"accept-encoding: identity" in asked[0].lower()
-        n.cancel_scope.cancel()
 
 
 async def test_a_retry_waits_as_long_as_the_server_asks_up_to_the_timeout():
@@ -287,13 +292,11 @@ async def test_a_retry_waits_as_long_as_the_server_asks_up_to_the_timeout():
         answers = [b"HTTP/1.1 503 Busy\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n"]
         while await read_request(stream):
             await stream.send_all(answers.pop() if answers else RESP)
-    async with trio.open_nursery() as n:
-        c = Client(await serve(n, busy_once))
+    async with client_of(busy_once) as c:
         start = trio.current_time()
         opts = HTTPOptions(retries=1, backoff=0.01, timeout=5)
         assert await fetch_with_retries(c, "x", opts, missing_ok=False) == (b"ok", True)
         assert trio.current_time() - start >= 1.0
-        n.cancel_scope.cancel()
 
 
 def answering_targets(seen):
@@ -326,13 +329,11 @@ async def test_a_location_and_a_url_that_are_not_ascii_are_asked_for_percent_enc
 
 
 async def test_a_redirect_to_an_invalid_url_is_an_error_not_a_retry():
-    async with trio.open_nursery() as n:
-        c = Client(await serve(n, answering_targets([b"http://[::1/x"])))
+    async with client_of(answering_targets([b"http://[::1/x"])) as c:
         with pytest.raises(HTTPError, match=r"redirected to http://\[::1/x: not a valid URL") \
                 as e:
             await c.get("start")
         assert not e.value.retryable
-        n.cancel_scope.cancel()
 
 
 async def test_a_redirect_whose_target_never_answers_says_no_answer():
@@ -352,10 +353,8 @@ async def test_content_coding_names_are_told_apart_whatever_their_case():
         while await read_request(stream):
             await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Encoding: Identity\r\n"
                                   b"Content-Length: 2\r\n\r\nok")
-    async with trio.open_nursery() as n:
-        c = Client(await serve(n, identity))
+    async with client_of(identity) as c:
         assert (await c.get("x")).body == b"ok"
-        n.cancel_scope.cancel()
 
 
 async def test_a_long_head_is_taken_and_a_far_too_long_one_named():
@@ -365,13 +364,11 @@ async def test_a_long_head_is_taken_and_a_far_too_long_one_named():
         with contextlib.suppress(trio.BrokenResourceError):  # the client gives up
             await stream.send_all(b"HTTP/1.1 200 OK\r\nX-Policy: " + b"p" * size
                                   + b"\r\nContent-Length: 2\r\n\r\nok")
-    async with trio.open_nursery() as n:
-        c = Client(await serve(n, long_head))
+    async with client_of(long_head) as c:
         assert (await c.get("20000")).body == b"ok"   # a CDN's cookies and policies
         # (h11 takes a longer head that came whole in one read: 400 kB cannot)
         with pytest.raises(HTTPError, match="the answer's head is longer than 65536 bytes"):
             await c.get("400000")
-        n.cancel_scope.cancel()
 
 
 def recording(heads):
@@ -398,11 +395,9 @@ async def test_a_user_and_password_in_the_url_are_sent_as_basic_auth_and_never_s
 
 async def test_a_header_given_replaces_the_clients_own_of_that_name():
     heads = []
-    async with trio.open_nursery() as n:
-        c = Client(await serve(n, recording(heads)), headers={"host": "example.com",
-                                                        "User-Agent": "mine"})
+    async with client_of(recording(heads),
+                         headers={"host": "example.com", "User-Agent": "mine"}) as c:
         assert (await c.get("x")).body == b"ok"
-        n.cancel_scope.cancel()
     assert heads[0].count(b"host:") == 1 and b"host: example.com" in heads[0]
     assert heads[0].count(b"user-agent:") == 1 and b"user-agent: mine" in heads[0]
 
@@ -422,12 +417,10 @@ async def test_a_timeout_on_the_fresh_connection_of_a_retry_tells_of_that_try_al
             else:
                 await read_request(stream)
                 await trio.sleep(5)
-    async with trio.open_nursery() as n:
-        c = Client(await serve(n, half_then_silent))
+    async with client_of(half_then_silent) as c:
         await c.get("a")
         with pytest.raises(HTTPError, match=r"/b: no answer within 0.5 s$"):
             await c.get_in_slot("b", timeout=0.5)
-        n.cancel_scope.cancel()
 
 
 def test_the_default_store_of_an_index_url_with_a_semicolon_is_next_to_it():
@@ -477,11 +470,9 @@ def test_percent_encoded_bytes_of_a_user_and_password_are_sent_as_those_bytes():
 
 async def test_a_header_given_twice_in_any_case_is_sent_once_the_last_winning():
     heads = []
-    async with trio.open_nursery() as n:
-        c = Client(await serve(n, recording(heads)),
-                   headers=[("authorization", "Bearer a"), ("Authorization", "Bearer b")])
+    headers = [("authorization", "Bearer a"), ("Authorization", "Bearer b")]
+    async with client_of(recording(heads), headers=headers) as c:
         assert (await c.get("x")).body == b"ok"
-        n.cancel_scope.cancel()
     assert heads[0].count(b"authorization:") == 1 and b"bearer b" in heads[0]
 
 
@@ -515,13 +506,11 @@ async def test_a_head_far_too_long_is_not_asked_for_again():
         asked.append(await read_request(stream))
         with contextlib.suppress(trio.BrokenResourceError):
             await stream.send_all(b"HTTP/1.1 200 OK\r\nX: " + b"p" * 400_000 + b"\r\n\r\n")
-    async with trio.open_nursery() as n:
-        c = Client(await serve(n, long_head))
+    async with client_of(long_head) as c:
         with pytest.raises(HTTPError, match="head is longer") as e:
             await fetch_with_retries(c, "x", HTTPOptions(retries=3, backoff=0.01),
                                      missing_ok=False)
         assert not e.value.retryable and len(asked) == 1
-        n.cancel_scope.cancel()
 
 
 def test_retry_after_is_read_in_seconds_or_as_an_http_date():
